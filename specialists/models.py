@@ -1,0 +1,144 @@
+"""The model registry: one factory, ``build_model(model_cfg, num_classes, input_shape)``.
+
+Every model is a :class:`Classifier`: ``features`` (input -> (B, F) embedding) followed by
+``head`` (an ``nn.Linear`` F -> classes). Specialists replace ``head`` with one of
+``|S| + 1`` outputs; nothing else in the code needs to know the architecture.
+
+Entries: ``mlp`` (flattens any input), ``cnn`` (small, CPU-friendly), and CIFAR-style ResNets
+built from torchvision's ``ResNet`` with a 3x3 stride-1 stem and no max-pool: ``resnet8``
+(one basic block per stage, half width), ``resnet10``, ``resnet18``, ``resnet34``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+MODELS: Dict[str, Callable] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+class Classifier(nn.Module):
+    """``head(features(x))``. ``x``: (B, C, H, W) or (B, D) float; returns logits (B, classes)."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+@register("mlp")
+def mlp(cfg, num_classes: int, input_shape: tuple) -> Classifier:
+    width = cfg.width or 256
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = _numel(input_shape)
+    for _ in range(cfg.depth):
+        layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        if cfg.dropout:
+            layers.append(nn.Dropout(cfg.dropout))
+        d = width
+    return Classifier(nn.Sequential(*layers), d, num_classes)
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+@register("cnn")
+def cnn(cfg, num_classes: int, input_shape: tuple) -> Classifier:
+    """Three conv stages (w, 2w, 4w channels), pooling only while the map is >= 4 pixels, so
+    8x8 digits, 28x28 characters and 32x32 colour images all work."""
+    if len(input_shape) != 3:
+        raise ValueError("model 'cnn' needs image inputs (C, H, W); use 'mlp' for vectors")
+    c, h, _ = input_shape
+    w = cfg.width or 32
+    layers: list[nn.Module] = []
+    cin, size = c, h
+    for i, cout in enumerate((w, 2 * w, 4 * w)):
+        layers += _conv_bn(cin, cout)
+        if i > 0:
+            layers += _conv_bn(cout, cout)
+        if size >= 8:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if cfg.dropout:
+        layers.append(nn.Dropout(cfg.dropout))
+    return Classifier(nn.Sequential(*layers), cin, num_classes)
+
+
+class _ResNetFeatures(nn.Module):
+    """torchvision's ResNet body with a CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+
+    def __init__(self, layers: list[int], in_channels: int, width: int):
+        super().__init__()
+        net = ResNet(BasicBlock, layers, num_classes=1)
+        if width != 64:  # rebuild the stages at another width (torchvision fixes 64..512)
+            net.inplanes = width
+            net.layer1 = net._make_layer(BasicBlock, width, layers[0])
+            net.layer2 = net._make_layer(BasicBlock, width * 2, layers[1], stride=2)
+            net.layer3 = net._make_layer(BasicBlock, width * 4, layers[2], stride=2)
+            net.layer4 = net._make_layer(BasicBlock, width * 8, layers[3], stride=2)
+        net.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        net.bn1 = nn.BatchNorm2d(width)
+        net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        self.net = net
+        self.out_dim = width * 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _resnet(layers: list[int], default_width: int):
+    def build(cfg, num_classes: int, input_shape: tuple) -> Classifier:
+        if len(input_shape) != 3:
+            raise ValueError("ResNets need image inputs (C, H, W); use 'mlp' for vectors")
+        width = cfg.width or default_width
+        body = _ResNetFeatures(layers, input_shape[0], width)
+        return Classifier(body, body.out_dim, num_classes)
+
+    return build
+
+
+register("resnet8")(_resnet([1, 1, 1, 1], 32))
+register("resnet10")(_resnet([1, 1, 1, 1], 64))
+register("resnet18")(_resnet([2, 2, 2, 2], 64))
+register("resnet34")(_resnet([3, 4, 6, 3], 64))
+
+
+def build_model(model_cfg, num_classes: int, input_shape: tuple) -> Classifier:
+    """The one factory. ``input_shape``: (C, H, W) for images or (D,) for vectors."""
+    if model_cfg.name not in MODELS:
+        raise ValueError(f"unknown model '{model_cfg.name}' (known: {', '.join(sorted(MODELS))})")
+    return MODELS[model_cfg.name](model_cfg, num_classes, tuple(input_shape))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
