@@ -29,6 +29,7 @@ STAGE_VERBS = {
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="[%(name)s] %(message)s",
                         stream=sys.stderr, force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every probed CPU build
 
 
 def parse_only(text: str | None) -> list[int] | None:

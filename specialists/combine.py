@@ -95,10 +95,6 @@ _INIT_FLOOR = 1e-4
 # iteration changes by less than any sensible tol but is far from its optimum.
 _GROWTH_TOL = 1e-2
 
-# The gradient solver works on chunks of at most this many (example, active slot, class)
-# entries, which bounds the (chunk, K, C) complement masks it builds.
-_GRADIENT_CHUNK_ELEMENTS = 1 << 22
-
 
 class CombineInputError(SpecialistsError, ValueError):
     """Inputs to :func:`combine` / :func:`objective` with the wrong shape, type or values.
@@ -583,7 +579,7 @@ def _solve_gradient(
     max_iter: int,
     tol: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Hinton's reference: q = softmax(z), L-BFGS on z over all C classes, chunk by chunk.
+    """Hinton's reference: q = softmax(z), L-BFGS on z over all C classes, example by example.
 
     Independent of the EM code: it minimizes the cross-entropy part of L (L minus terms that do
     not depend on q) with autograd, the out-of-subset masses as log-sum-exp over the complement.
@@ -611,44 +607,47 @@ def _solve_gradient(
     spec, slot_valid = _active_slots(act, M)
     spec = torch.where(empty[spec], torch.full_like(spec, M), spec)
     dust = torch.where(spec < M, dust_m.gather(1, spec.clamp(max=max(M - 1, 0))), pg.new_zeros(()))
-    K = spec.shape[1]
 
     q = torch.empty_like(pg)
     iters = torch.zeros(R, dtype=torch.long, device=device)
     converged = torch.zeros(R, dtype=torch.bool, device=device)
-    chunk = max(1, _GRADIENT_CHUNK_ELEMENTS // max(1, K * C))
-    for start in range(0, R, chunk):
-        sl = slice(start, start + chunk)
-        # 0 outside each slot's subset, -inf inside: logsumexp(log q + mask) = log Q_k.
-        neg = torch.zeros(comp_mask[spec[sl]].shape, dtype=dtype, device=device)
-        neg.masked_fill_(~comp_mask[spec[sl]], -math.inf)
-        f, d = fixed[sl], dust[sl]
-        z = torch.log(pg[sl] + finfo.tiny).requires_grad_(True)
+    # One L-BFGS run per example: the examples are independent problems, and one run on their
+    # sum shares a line search and curvature pairs between them, which made it ~10x slower to
+    # converge than per-example runs in our tests. (A Python loop is fine for the reference.)
+    for r in range(R):
+        keep = slot_valid[r] & (spec[r] < M)
+        sp, d = spec[r][keep], dust[r][keep]
+        # 0 outside each active subset, -inf inside: logsumexp(log q + neg) = log Q_k.
+        neg = torch.zeros((sp.numel(), C), dtype=dtype, device=device)
+        neg.masked_fill_(~comp_mask[sp], -math.inf)
+        f = fixed[r]
+        z = torch.log(pg[r] + finfo.tiny).requires_grad_(True)
         opt = torch.optim.LBFGS(
             [z],
             lr=1.0,
             max_iter=max(max_iter, 1),
             max_eval=max(max_iter, 1) * 3,
             tolerance_grad=tol,
-            tolerance_change=10 * finfo.eps,
+            # Stop when an iteration changes L by less than ~100 ulps: converged to the
+            # dtype's precision (float64: 2e-14 nats).
+            tolerance_change=100 * finfo.eps,
             history_size=30,
             line_search_fn="strong_wolfe",
         )
 
         def closure():
             opt.zero_grad()
-            logq = F.log_softmax(z, dim=1)
-            log_out = torch.logsumexp(logq[:, None, :] + neg, dim=2)  # (b, K)
+            logq = F.log_softmax(z, dim=0)
+            log_out = torch.logsumexp(logq[None, :] + neg, dim=1)  # (K,)
             loss = -(f * logq).sum() - (d * log_out).sum()
             loss.backward()
             return loss
 
         if max_iter > 0:
             opt.step(closure)
+            iters[r] = opt.state[z].get("n_iter", 0)
+        closure()  # the gradient at the final z (line searches leave a trial point's behind)
         with torch.no_grad():
-            q[sl] = torch.softmax(z.detach(), dim=1)
-            n_iter = opt.state[z].get("n_iter", 0) if max_iter > 0 else 0
-            iters[sl] = n_iter
-            grad = z.grad if z.grad is not None else torch.zeros_like(z)
-            converged[sl] = grad.abs().amax(1) <= tol
+            q[r] = torch.softmax(z.detach(), dim=0)
+            converged[r] = z.grad.abs().max() <= tol
     return q, iters, converged
