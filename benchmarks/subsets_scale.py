@@ -94,9 +94,9 @@ def main(argv=None) -> None:
     ap.add_argument("--clusters", type=int, default=61, help="k-means clusters = specialists")
     ap.add_argument("--groups", type=int, default=None, help="planted groups (default: --clusters)")
     ap.add_argument("--nearest-size", type=int, default=300, help="classes per specialist in nearest mode")
-    ap.add_argument("--niter", type=int, default=50, help="faiss iterations / minibatch passes")
-    ap.add_argument("--minibatch-passes", type=int, default=10)
-    ap.add_argument("--nredo", type=int, default=1, help="faiss restarts")
+    ap.add_argument("--niter", type=int, default=50, help="faiss iterations (at most; stops when converged)")
+    ap.add_argument("--passes", type=int, default=5, help="minibatch passes over the classes")
+    ap.add_argument("--nredo", type=int, default=3, help="faiss restarts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, help="PNG path (default: a temp folder)")
     args = ap.parse_args(argv)
@@ -104,14 +104,19 @@ def main(argv=None) -> None:
     c, n = args.classes, args.examples
 
     print(f"subsets_scale: {c} classes x {n} examples, {args.clusters} clusters, {groups} planted groups, "
-          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)", flush=True)
     times: dict[str, float] = {}
 
+    cpu: dict[str, float] = {}
+
     def step(name, fn):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times[name] = time.perf_counter() - t0
-        print(f"  {name:<28s} {times[name]:8.2f} s   peak RSS {peak_rss_gib():5.2f} GiB", flush=True)
+        cpu[name] = time.process_time() - c0
+        print(f"  {name:<36s} {times[name]:7.2f} s wall {cpu[name]:7.2f} s cpu   peak RSS {peak_rss_gib():5.2f} GiB",
+              flush=True)
         return out
 
     probs, y, group_of = step("generate (not in total)", lambda: synthetic_probs(c, n, groups, args.seed))
@@ -120,8 +125,8 @@ def main(argv=None) -> None:
     rows = points.T  # C-contiguous, one row per class
     lab_f, cen_f = step(f"kmeans faiss (niter {args.niter}, nredo {args.nredo})",
                         lambda: kmeans(rows, args.clusters, "faiss", seed=args.seed, niter=args.niter, nredo=args.nredo))
-    lab_m, cen_m = step(f"kmeans minibatch ({args.minibatch_passes} passes)",
-                        lambda: kmeans(rows, args.clusters, "minibatch", seed=args.seed, niter=args.minibatch_passes))
+    lab_m, cen_m = step(f"kmeans minibatch ({args.passes} passes)",
+                        lambda: kmeans(rows, args.clusters, "minibatch", seed=args.seed, passes=args.passes))
     part = step("select partition", lambda: select_subsets(rows, lab_f, cen_f, "partition"))
     near = step(f"select nearest ({args.nearest_size})",
                 lambda: select_subsets(rows, lab_f, cen_f, "nearest", classes_per_specialist=args.nearest_size))
@@ -130,11 +135,13 @@ def main(argv=None) -> None:
     step("plot (downsampled)", lambda: plot_covariance(points, part, plot_path))
 
     total = sum(v for k, v in times.items() if not k.startswith("generate"))
+    total_cpu = sum(v for k, v in cpu.items() if not k.startswith("generate"))
     sizes = [len(s) for s in part]
     cover = np.zeros(c, dtype=np.int64)
     for s in near:
         cover[s] += 1
-    print(f"total (without generation) {total:.1f} s; peak RSS {peak_rss_gib():.2f} GiB")
+    print(f"total (without generation) {total:.1f} s wall, {total_cpu:.1f} s cpu (all threads); "
+          f"peak RSS {peak_rss_gib():.2f} GiB; load average now {os.getloadavg()[0]:.1f}")
     print(f"ARI vs planted groups: faiss {adjusted_rand_index(lab_f, group_of):.3f}, "
           f"minibatch {adjusted_rand_index(lab_m, group_of):.3f}")
     print(f"partition: {len(part)} subsets, sizes {min(sizes)}-{max(sizes)}; "

@@ -82,6 +82,13 @@ __all__ = [
 
 SOLVERS = ("em", "closed_form", "gradient")
 
+_LBFGS_HISTORY = 100
+
+# EM and the closed form process rows in chunks of about this many elements of their largest
+# temporaries ((rows, K, |U|) reduced-problem masks, (rows, C) expansions), bounding memory for
+# batches of thousands of examples with many active specialists.
+_CHUNK_ELEMENTS = 1 << 24
+
 # Default iteration caps. EM converges in tens of iterations; L-BFGS on z needs hundreds.
 DEFAULT_MAX_ITER = {"em": 200, "closed_form": 200, "gradient": 5000}
 
@@ -279,14 +286,14 @@ def objective(q: Tensor, p_general: Tensor, subsets, p_specialists, active: Tens
         )
     pg = p_general.to(q.dtype)
     total = _kl(pg, q)
-    comp = table.complement_mask()
-    for m in range(table.num_subsets):
+    M = table.num_subsets
+    # Out-of-subset masses as sums over the complement (never 1 - sum(q_S)): (B, M).
+    q_out = q @ table.complement_mask()[:M].to(q.dtype).T
+    for m in range(M):
         s = table.sizes[m]
         p = specs[m].to(q.dtype)
         q_in = q[:, table.index[m, :s]]
-        # Out-of-subset mass as a sum over the complement (never 1 - sum(q_S)).
-        q_out = (q * comp[m]).sum(1)
-        kl = _kl(p[:, :s], q_in) + _kl(p[:, s:], q_out[:, None])
+        kl = _kl(p[:, :s], q_in) + _kl(p[:, s:], q_out[:, m, None])
         # where, not multiplication: an inactive row may hold NaN/garbage.
         total = total + torch.where(active[:, m], kl, torch.zeros_like(kl))
     return total
@@ -357,15 +364,27 @@ def combine(
     work = _work_dtype(p_general.dtype)
     pg = p_general.to(work)
     num_active = active.sum(1)
-    q = p_general.clone()  # rows with no active specialist stay p_g, bit for bit
     iters = torch.zeros(B, dtype=torch.long, device=device)
     converged = torch.ones(B, dtype=torch.bool, device=device)
+    q = None
+
+    def put(rows: Tensor, values: Tensor) -> None:
+        # Rows with no active specialist keep p_general, bit for bit. When one group holds every
+        # row, its (fresh) result is the output: no (B, C) copy of p_general to overwrite.
+        nonlocal q
+        values = values.to(p_general.dtype)
+        if q is None and rows.numel() == B:
+            q = values
+            return
+        if q is None:
+            q = p_general.clone()
+        q[rows] = values
 
     if solver == "gradient":
         rows = torch.nonzero(num_active > 0).flatten()
         if rows.numel():
             q_r, it_r, ok_r = _solve_gradient(pg, table, specs, active, rows, max_iter, tol)
-            q[rows] = q_r.to(q.dtype)
+            put(rows, q_r)
             iters[rows], converged[rows] = it_r, ok_r
     else:
         if single_closed_form:
@@ -375,13 +394,14 @@ def combine(
             one = num_active.new_zeros(0)
             many = torch.nonzero(num_active > 0).flatten()
         if one.numel():
-            red = _reduce(pg, table, specs, active, one)
-            q[one] = _expand(_closed_form_reduced(red), red).to(q.dtype)
+            q_r, _, _ = _solve_reduced(pg, table, specs, active, one, None, tol)
+            put(one, q_r)
         if many.numel():
-            red = _reduce(pg, table, specs, active, many)
-            q_r, it_r, ok_r = _em_reduced(red, max_iter, tol)
-            q[many] = _expand(q_r, red).to(q.dtype)
+            q_r, it_r, ok_r = _solve_reduced(pg, table, specs, active, many, max_iter, tol)
+            put(many, q_r)
             iters[many], converged[many] = it_r, ok_r
+    if q is None:
+        q = p_general.clone()
 
     if not return_info:
         return q
@@ -426,8 +446,9 @@ class _Reduced:
 
 def _reduce(pg_all: Tensor, table: SubsetTable, specs: list[Tensor], active: Tensor, rows: Tensor) -> _Reduced:
     """Build the reduced problem for the examples ``rows`` (each with >= 1 active specialist)."""
-    pg = pg_all[rows]
-    act = active[rows]
+    everyone = rows.numel() == pg_all.shape[0]  # then rows = arange(B): skip the (B, C) copy
+    pg = pg_all if everyone else pg_all[rows]
+    act = active if everyone else active[rows]
     R, C = pg.shape
     M = table.num_subsets
     dtype, device = pg.dtype, pg.device
@@ -445,7 +466,7 @@ def _reduce(pg_all: Tensor, table: SubsetTable, specs: list[Tensor], active: Ten
         if not used[m]:
             continue
         s = table.sizes[m]
-        pm = specs[m][rows]  # (R, s + 1)
+        pm = specs[m] if everyone else specs[m][rows]  # (R, s + 1)
         hit = spec == m  # (R, K), at most one True per row
         # torch.where, not multiplication, so garbage in rows where m is inactive never leaks.
         p_in[..., :s] = torch.where(hit[..., None], pm[:, None, :s], p_in[..., :s])
@@ -473,13 +494,47 @@ def _reduce(pg_all: Tensor, table: SubsetTable, specs: list[Tensor], active: Ten
     in_union = torch.zeros(R, C + 1, dtype=torch.bool, device=device)
     in_union.scatter_(1, flat, True)
     in_union = in_union[:, :C]
-    p_rest = torch.where(in_union, pg.new_zeros(()), pg).sum(1)  # complement sum, no cancellation
+    p_rest = pg.masked_fill(in_union, 0).sum(1)  # a sum over the complement: no cancellation
     n_rest = C - valid.sum(1)
 
     fixed = torch.cat([fixed_u, p_rest[:, None]], 1)
     pg_red = torch.cat([pg_u, p_rest[:, None]], 1)
     count = torch.cat([valid.to(dtype), n_rest[:, None].to(dtype)], 1)
     return _Reduced(pg, fixed, pg_red, count, comp, dust, uid, valid, in_union, p_rest, n_rest)
+
+
+def _solve_reduced(
+    pg: Tensor,
+    table: SubsetTable,
+    specs: list[Tensor],
+    active: Tensor,
+    rows: Tensor,
+    max_iter: int | None,
+    tol: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed form (``max_iter=None``: rows with one active specialist) or EM for ``rows``,
+    in chunks of rows that bound the temporaries: (rows, K, |U|) for the reduced problem and
+    (rows, C) for the expansion. Returns q (R, C), iterations (R,), converged (R,)."""
+    K = int(active[rows].sum(1).max())
+    smax = table.index.shape[1]
+    per_row = max(K * K * smax, pg.shape[1], 1)
+    chunk = max(1, _CHUNK_ELEMENTS // per_row)
+    qs, its, oks = [], [], []
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start : start + chunk]
+        red = _reduce(pg, table, specs, active, r)
+        if max_iter is None:
+            q_red = _closed_form_reduced(red)
+            it = torch.zeros(r.numel(), dtype=torch.long, device=pg.device)
+            ok = torch.ones(r.numel(), dtype=torch.bool, device=pg.device)
+        else:
+            q_red, it, ok = _em_reduced(red, max_iter, tol)
+        qs.append(_expand(q_red, red))
+        its.append(it)
+        oks.append(ok)
+    if len(qs) == 1:
+        return qs[0], its[0], oks[0]
+    return torch.cat(qs), torch.cat(its), torch.cat(oks)
 
 
 def _closed_form_reduced(red: _Reduced) -> Tensor:
@@ -547,24 +602,50 @@ def _em_reduced(red: _Reduced, max_iter: int, tol: float) -> tuple[Tensor, Tenso
     return out, iters, converged
 
 
+def _keep_support(q: Tensor, support: Tensor) -> Tensor:
+    """Where the minimizer is positive (``support``) but q underflowed to 0 (float32: a
+    p_g,i of 1e-45 divided by 1 + |A|), put the smallest normal number instead, so that
+    L(q) stays finite; this moves the row sum by at most C * 1e-38."""
+    return torch.where((q == 0) & support, torch.finfo(q.dtype).tiny, q)
+
+
 def _expand(q_red: Tensor, red: _Reduced) -> Tensor:
     """Reduced columns -> (R, C): union classes take their column; the rest mass T is shared
     among the classes outside U in proportion to p_g (the minimizer given T), or uniformly when
-    P_g(not U) = 0 (every split is a minimizer then; uniform is the eps -> 0 limit)."""
+    P_g(not U) = 0 (every split is a minimizer then; uniform is the eps -> 0 limit).
+
+    Written for few full-width (R, C) passes: at C = 15,000 they cost more than the EM loop."""
     pg = red.pg
     R, C = pg.shape
+    dtype = pg.dtype
+    tiny = torch.finfo(dtype).tiny
     umax = red.uid.shape[1]
     rest = q_red[:, umax]
-    zero = pg.new_zeros(())
-    pos = red.p_rest > 0
-    # (p_g,i / P) * T rather than p_g,i * (T / P): the ratio is <= 1, so a tiny P cannot overflow.
-    by_pg = pg / torch.where(pos, red.p_rest, torch.ones_like(red.p_rest))[:, None] * rest[:, None]
-    uniform = (rest / red.n_rest.clamp_min(1).to(pg.dtype))[:, None].expand(R, C)
-    off = torch.where(pos[:, None], by_pg, uniform)
-    off = torch.where(red.in_union, zero, off)
-    full = torch.cat([off, pg.new_zeros(R, 1)], 1)
-    full.scatter_(1, red.uid, torch.where(red.valid, q_red[:, :umax], zero))  # padding -> column C
-    return full[:, :C]
+    p_rest = red.p_rest
+    # Off U: p_g,i * (T / P). With P >= tiny (a normal number) and T <= 1 the scale cannot
+    # overflow; rows with a subnormal or zero P are redone below.
+    normal = p_rest >= tiny
+    scale = torch.where(normal, rest / torch.where(normal, p_rest, torch.ones_like(p_rest)), torch.zeros_like(rest))
+    out = pg * scale[:, None]
+    # Keep the support: where p_g,i > 0 the product may underflow to 0 (float32), which would
+    # make L infinite; max(out, min(p_g, tiny)) only touches values below the normal range.
+    out = torch.maximum(out, pg.clamp_max(tiny))
+    odd = ~normal & (rest > 0)
+    if bool(odd.any()):
+        idx = torch.nonzero(odd).flatten()
+        pg_o, p_o, t_o = pg[idx], p_rest[idx], rest[idx]
+        has = p_o > 0
+        # (p_g,i / P) * T: the ratio is <= 1, so a subnormal P cannot overflow.
+        by_pg = pg_o / torch.where(has, p_o, torch.ones_like(p_o))[:, None] * t_o[:, None]
+        by_pg = torch.maximum(by_pg, pg_o.clamp_max(tiny))
+        uniform = (t_o / red.n_rest[idx].clamp_min(1).to(dtype))[:, None].expand_as(pg_o)
+        out[idx] = torch.where(has[:, None], by_pg, uniform)
+    # Union classes: their reduced column (every union class is written, so whatever the line
+    # above put there is overwritten). Padding columns are skipped.
+    q_u = _keep_support(q_red[:, :umax], red.fixed[:, :umax] > 0)
+    lin = (torch.arange(R, device=pg.device)[:, None] * C + red.uid)[red.valid]
+    out.view(-1)[lin] = q_u[red.valid]
+    return out
 
 
 # ============================================================================ gradient
@@ -631,7 +712,10 @@ def _solve_gradient(
             # Stop when an iteration changes L by less than ~100 ulps: converged to the
             # dtype's precision (float64: 2e-14 nats).
             tolerance_change=100 * finfo.eps,
-            history_size=30,
+            # The softmax parameterization is ill-conditioned (curvature ~ q_i, so 1e-5 classes
+            # give condition numbers ~1e5); with a short history L-BFGS crawls for thousands of
+            # iterations, with 100 pairs it converges in hundreds.
+            history_size=_LBFGS_HISTORY,
             line_search_fn="strong_wolfe",
         )
 
@@ -648,6 +732,6 @@ def _solve_gradient(
             iters[r] = opt.state[z].get("n_iter", 0)
         closure()  # the gradient at the final z (line searches leave a trial point's behind)
         with torch.no_grad():
-            q[r] = torch.softmax(z.detach(), dim=0)
+            q[r] = _keep_support(torch.softmax(z.detach(), dim=0), f > 0)
             converged[r] = z.grad.abs().max() <= tol
     return q, iters, converged

@@ -9,7 +9,9 @@ one :class:`ConfigError` line that names the key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -191,6 +193,19 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(parent, node)
 
 
+def _section_path(type_name: str, cls=None, prefix: str = "") -> Optional[str]:
+    """The dotted key of the config section whose dataclass is named ``type_name``."""
+    for f in dataclasses.fields(cls or Config):
+        sub = f.default_factory
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            if sub.__name__ == type_name:
+                return prefix + f.name
+            found = _section_path(type_name, sub, f"{prefix}{f.name}.")
+            if found:
+                return found
+    return None
+
+
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(exc).splitlines()[0]
@@ -198,6 +213,11 @@ def _describe(exc: OmegaConfBaseException) -> str:
         return f"unknown config key '{key}'"
     if key:
         return f"config key '{key}': {msg}"
+    # a whole section given a plain value (`data=3`): omegaconf names only the section's class
+    m = re.search(r"is not a subclass of (\w+)", msg)
+    section = _section_path(m.group(1)) if m else None
+    if section:
+        return f"config key '{section}': expected a section of keys, not a value ({msg})"
     return f"config: {msg}"
 
 

@@ -236,21 +236,51 @@ class SpecialistEnsemble(Predictor):
         return self._combine(*self.components(x))
 
     @torch.inference_mode()
-    def predict_all(self, x, normalized: bool = False) -> dict:
-        """Generalist and ensemble probabilities and the active sets, in one pass:
-        ``{"generalist": (N, C), "ensemble": (N, C), "active": (N, M)}`` on the device."""
-        g, q, a = [], [], []
+    def components_all(self, x, normalized: bool = False) -> tuple[Tensor, list[Tensor], Tensor]:
+        """``components`` over a whole array, in chunks of ``batch_size``: p_general (N, C),
+        [p_m (N, |S_m| + 1)], active (N, M), on the device."""
+        g, specs, act = [], [[] for _ in self.specialists], []
         for i in range(0, len(x), self.batch_size):
             xb = x[i:i + self.batch_size]
             xb = xb.to(self.device, torch.float32) if normalized else self.preprocess(xb)
             p_g, p_specs, active = self.components(self._prepare(xb))
             g.append(p_g)
-            q.append(self._combine(p_g, p_specs, active))
-            a.append(active)
-        M = len(self.specialists)
-        cat = lambda t, w, dt: torch.cat(t) if t else torch.zeros(0, w, dtype=dt, device=self.device)
-        return {"generalist": cat(g, self.num_classes, torch.float32), "ensemble": cat(q, self.num_classes, torch.float32),
-                "active": cat(a, M, torch.bool)}
+            act.append(active)
+            for m, p in enumerate(p_specs):
+                specs[m].append(p)
+        if not g:
+            return (torch.zeros(0, self.num_classes, device=self.device),
+                    [torch.zeros(0, len(s) + 1, device=self.device) for s in self.subsets],
+                    torch.zeros(0, len(self.subsets), dtype=torch.bool, device=self.device))
+        return torch.cat(g), [torch.cat(p) for p in specs], torch.cat(act)
+
+    @torch.inference_mode()
+    def combine_all(self, p_general: Tensor, p_specs: list[Tensor], active: Tensor,
+                    select: Sequence[int] | None = None) -> Tensor:
+        """Combine precomputed components (N rows) in chunks of ``batch_size``.
+
+        ``select``: positions of the specialists to use (the rest are left out, as if never
+        trained); the ablation evaluates many such selections from one set of forward passes.
+        A specialist's routed rows do not depend on which others are present, so this equals
+        an ensemble built from the selected specialists alone.
+        """
+        sel = list(range(len(self.specialists))) if select is None else sorted(select)
+        if not sel:
+            return p_general.clone()
+        table = self.table if len(sel) == len(self.specialists) else prepare_subsets(
+            [self.subsets[m] for m in sel], self.num_classes, device=self.device)
+        out = []
+        for i in range(0, len(p_general), self.batch_size):
+            rows = slice(i, i + self.batch_size)
+            out.append(combine(p_general[rows], table, [p_specs[m][rows] for m in sel], active[rows][:, sel],
+                               self.solver, max_iter=self.max_iter, tol=self.tol))
+        return torch.cat(out)
+
+    def predict_all(self, x, normalized: bool = False) -> dict:
+        """Generalist and ensemble probabilities and the active sets, in one pass:
+        ``{"generalist": (N, C), "ensemble": (N, C), "active": (N, M)}`` on the device."""
+        p_g, p_specs, active = self.components_all(x, normalized)
+        return {"generalist": p_g, "ensemble": self.combine_all(p_g, p_specs, active), "active": active}
 
     @torch.inference_mode()
     def explain(self, x, normalized: bool = False, k: int = 5) -> list[dict]:

@@ -67,6 +67,7 @@ def train_generalist(run: Run) -> dict:
     """The generalist stage: ``RUN_DIR/generalist/{model.safetensors, metrics.json, curves.png}``."""
     cfg = run.cfg
     out = run.stage_dir("generalist")
+    torch.manual_seed(cfg.seed)  # the initial weights follow the run's seed, not the process's RNG state
     model = run.new_model()
     history = train_classifier(run, model, cfg.generalist, out / "state.pt", seed=cfg.seed, desc="generalist")
     final = split_metrics(run, model, ("val", "test"), cfg.generalist.eval_batch_size)

@@ -177,3 +177,110 @@ def plot_curves(history: list[dict], path, title: str | None = None) -> Path:
         ax.set_title(title)
     fig.tight_layout()
     return _save_png(fig, path)
+
+
+def plot_ablation(a: dict, path, title: str | None = None) -> Path:
+    """Ensemble top-1 and conditional accuracy against the number of specialists (subset
+    ablation as lines, re-clustering runs as markers), with the generalist and the
+    compute-matched control as horizontal references."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    rows = a["subset_ablation"]["rows"]
+    ks = [r["k"] for r in rows]
+    x = [max(k, 0.5) for k in ks]  # log axis: k = 0 drawn at 0.5
+    ax.plot(x, [r["top1"] for r in rows], "b-o", ms=4, label="ensemble top-1 (first k)")
+    ax.plot(x, [r["conditional_ensemble_top1"] for r in rows], "g--s", ms=4,
+            label="conditional top-1 (true class covered)")
+    ax.plot(x, [r["conditional_generalist_top1"] for r in rows], color="g", ls=":", lw=1,
+            label="generalist, same covered examples")
+    rc = a.get("recluster") or []
+    if rc:
+        ax.plot([r["num_specialists"] for r in rc], [r["top1"] for r in rc], "m^", ms=7,
+                label="re-clustered: ensemble top-1")
+    ax.axhline(a["generalist"]["test_top1"], color="k", lw=1, label="generalist")
+    if a.get("control"):
+        ax.axhline(a["control"]["test_top1"], color="r", lw=1, ls="-.", label="generalist trained longer")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("number of specialists (k = 0 at the left)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or "Ablation over the number of specialists")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_by_coverage(rows: list[dict], path, title: str | None = None) -> Path:
+    """Hinton's Table 4 as bars: top-1 of the generalist and of the ensemble per group of test
+    examples by the number of specialists covering the true class, with each group's size.
+
+    ``rows``: ``evaluation.json``'s ``by_coverage`` ({covered, label, count,
+    generalist_correct, ensemble_correct}); empty groups are drawn as gaps.
+    """
+    fig = Figure(figsize=(max(5.0, 1.0 + 0.9 * len(rows)), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(rows))
+    n = np.array([r["count"] for r in rows], dtype=float)
+    safe = np.where(n > 0, n, 1)
+    g = np.where(n > 0, np.array([r["generalist_correct"] for r in rows]) / safe, np.nan)
+    e = np.where(n > 0, np.array([r["ensemble_correct"] for r in rows]) / safe, np.nan)
+    w = 0.38
+    ax.bar(x - w / 2, g, w, color="#8c8c8c", label="generalist")
+    ax.bar(x + w / 2, e, w, color="#1f77b4", label="generalist + specialists")
+    for i, r in enumerate(rows):
+        top = np.nanmax([g[i], e[i]]) if r["count"] else 0.0
+        d = r["ensemble_correct"] - r["generalist_correct"]
+        ax.annotate(f"n={r['count']}" + (f"\n{d:+d}" if r["count"] else ""), (x[i], top), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r.get("label", r["covered"])) for r in rows])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel("specialists covering the true class")
+    ax.set_ylabel("test top-1 accuracy")
+    ax.set_ylim(0, 1.32)  # headroom: the legend sits above the bars and their labels
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    legend = "top-1 by specialist coverage (n = test examples, then the change in # correct)"
+    ax.set_title(f"{title}\n{legend}" if title else legend[0].upper() + legend[1:], fontsize=10)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def plot_specialists(rows: list[dict], path, title: str | None = None) -> Path:
+    """Per specialist: the top-1 change (ensemble minus generalist, in points) on the test
+    examples routed to it, and its own subset top-1 gain over the generalist's (from its
+    ``metrics.json``), with the number of routed examples on each bar.
+
+    ``rows``: ``evaluation.json``'s ``per_specialist`` ({id, routed, change, subset_top1,
+    generalist_subset_top1}).
+    """
+    fig = Figure(figsize=(max(5.0, 1.2 + 0.45 * len(rows)), 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(rows))
+
+    def pts(v):
+        return np.nan if v is None else 100.0 * v
+
+    routed = np.array([pts(r.get("change")) for r in rows], dtype=float)
+    own = np.array([pts(None if r.get("subset_top1") is None or r.get("generalist_subset_top1") is None
+                        else r["subset_top1"] - r["generalist_subset_top1"]) for r in rows], dtype=float)
+    w = 0.38
+    ax.bar(x - w / 2, routed, w, color="#1f77b4", label="ensemble - generalist, on routed examples")
+    ax.bar(x + w / 2, own, w, color="#ff7f0e", label="specialist - generalist, within its subset")
+    for i, r in enumerate(rows):
+        v = routed[i] if np.isfinite(routed[i]) else 0.0
+        ax.annotate(f"n={r['routed']}", (x[i] - w / 2, v), xytext=(0, 3 if v >= 0 else -10),
+                    textcoords="offset points", ha="center", fontsize=7)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r["id"]) for r in rows], fontsize=8 if len(rows) <= 30 else 6)
+    ax.set_xlabel("specialist id")
+    ax.set_ylabel("top-1 change (points)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or "Per specialist: accuracy change", fontsize=10)
+    fig.tight_layout()
+    return _save_png(fig, path)

@@ -126,6 +126,8 @@ class MixedBatches:
         self.n_pos = max(1, min(batch_size - 1, round(batch_size * fraction))) if len(self.neg) else batch_size
         self.n_neg = batch_size - self.n_pos if len(self.neg) else 0
         self.steps = math.ceil(len(self.pos) / self.n_pos)
+        # the last batch holds the remaining subset examples plus a full share of others
+        self.samples_per_epoch = len(self.pos) + self.steps * self.n_neg
 
     def epoch(self, g: torch.Generator):
         """Yield index tensors (B,) for one epoch."""
@@ -242,7 +244,7 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> 
         "train_examples_in_subset": len(mix.pos), "natural_share": f, "training_share": s,
         "dustbin_correction": scfg.dustbin_correction, "dustbin_shift": shift,
         "phases": scfg.phases, "hard_steps": hard, "soft_steps": soft, "steps": steps,
-        "train_samples": steps * scfg.batch_size,  # consumed samples, for the compute-matched control
+        "train_samples": len(history) * mix.samples_per_epoch,  # consumed samples, for the compute-matched control
         "seconds": sum(h["seconds"] for h in history),
         **metrics, "history": history,
     }

@@ -21,6 +21,16 @@ from specialists.combine import (
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These problems are tiny: intra-op threads only add synchronization, and on a shared
+    # 2-core machine they turn into spinning (we measured 20x slowdowns). Restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- problems
 
 
@@ -80,9 +90,9 @@ def _assert_simplex(q, atol):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_em_and_closed_form_match_gradient_reference(shape):
-    B = 8
+    B = 6  # active counts 0, 1, 2, 3, 0, 1 (fewer with M < 3); the reference is slow
     pg, subsets, ps, act = make_problem(B, **shape, seed=shape["C"] + shape["M"])
-    q_grad = combine(pg, subsets, ps, act, solver="gradient", tol=1e-9)
+    q_grad = combine(pg, subsets, ps, act, solver="gradient", tol=1e-7)
     L_grad = objective(q_grad, pg, subsets, ps, act)
     for solver in ("em", "closed_form"):
         q = combine(pg, subsets, ps, act, solver=solver, tol=1e-10, max_iter=2000)
@@ -139,7 +149,7 @@ def test_three_classes_against_scipy_and_grid(case):
     L_em = objective(q_em, pg, subsets, ps, act).item()
 
     def f(x):
-        q = torch.tensor([x], dtype=F64)
+        q = torch.as_tensor(x, dtype=F64).reshape(1, 3)
         return objective(q, pg, subsets, ps, act).item()
 
     res = scipy_optimize.minimize(
@@ -264,7 +274,8 @@ def test_info_reports_iterations():
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_simplex_and_no_active_bit_for_bit(solver, dtype):
     pg, subsets, ps, act = make_problem(9, C=20, M=5, size=8, overlap=True, seed=11, dtype=dtype)
-    q = combine(pg, subsets, ps, act, solver=solver)
+    # (The gradient reference need not converge for these invariants: cap it to stay fast.)
+    q = combine(pg, subsets, ps, act, solver=solver, max_iter=100)
     assert q.dtype == dtype and q.shape == pg.shape
     _assert_simplex(q, 1e-5 if dtype == torch.float32 else 1e-12)
     none = act.sum(1) == 0
@@ -285,7 +296,7 @@ def test_float32_agrees_with_float64():
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_exact_zeros_and_confident_batches(dtype):
     g = torch.Generator().manual_seed(0)
-    B, C, M = 12, 30, 4
+    B, C, M = 8, 30, 4
     subsets = [torch.arange(m * 8, m * 8 + 10) % C for m in range(M)]  # overlapping
     # One-hot generalist (exact zeros everywhere else), sometimes inside, sometimes outside S.
     one_hot = torch.zeros(B, C, dtype=dtype)
@@ -304,15 +315,17 @@ def test_exact_zeros_and_confident_batches(dtype):
             p[1::3, 0] = 1.0  # all mass on one class of S, dustbin exactly 0
             ps.append(p)
         for solver in SOLVERS:
-            q = combine(pg, subsets, ps, act, solver=solver)
+            q = combine(pg, subsets, ps, act, solver=solver, max_iter=300)
             _assert_simplex(q, 1e-5 if dtype == torch.float32 else 1e-12)
             L = objective(q, pg, subsets, ps, act)
             assert torch.isfinite(L).all(), solver
-        # EM is optimal here too (checked against the gradient reference in float64).
+        # EM does at least as well as the gradient reference here (in float64). It can do
+        # strictly better: a class with p_g = 0 starts the reference at z = log(tiny), where its
+        # gradient vanishes, so it may never receive the dustbin mass it should get.
         if dtype == F64:
             L_em = objective(combine(pg, subsets, ps, act, tol=1e-12, max_iter=3000), pg, subsets, ps, act)
-            L_gr = objective(combine(pg, subsets, ps, act, solver="gradient", tol=1e-10), pg, subsets, ps, act)
-            assert (L_em <= L_gr + 1e-6).all()
+            L_gr = objective(combine(pg, subsets, ps, act, solver="gradient", max_iter=300), pg, subsets, ps, act)
+            assert (L_em <= L_gr + 1e-7).all()
 
 
 def test_subset_covering_every_class_gives_no_nan():
@@ -383,3 +396,14 @@ def test_validation_errors():
         objective(pg[:, :3], pg, subsets, ps, act)
     with pytest.raises(CombineInputError):
         combine(pg, subsets, ps, act, tol=float("nan"))
+
+
+def test_row_chunks_give_the_same_result(monkeypatch):
+    import specialists.combine as combine_module
+
+    pg, subsets, ps, act = make_problem(20, C=20, M=5, size=8, overlap=True, seed=8)
+    whole, info = combine(pg, subsets, ps, act, return_info=True)
+    monkeypatch.setattr(combine_module, "_CHUNK_ELEMENTS", 50)  # a few rows per chunk
+    chunked, info_c = combine(pg, subsets, ps, act, return_info=True)
+    torch.testing.assert_close(chunked, whole, atol=1e-15, rtol=0)
+    assert torch.equal(info["iterations_per_example"], info_c["iterations_per_example"])

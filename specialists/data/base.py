@@ -30,6 +30,7 @@ class RawData:
     y_test_coarse: Optional[np.ndarray] = None
     coarse_names: Optional[List[str]] = None
     num_classes: Optional[int] = None  # default: max label + 1
+    default_augment: Optional[str] = None  # overrides the entry's default (e.g. by channel count)
 
 
 @dataclass
@@ -220,7 +221,7 @@ def build_dataset(data_cfg) -> Dataset:
 
     augment = data_cfg.augment
     if augment == "auto":
-        augment = entry.default_augment if is_image else "none"
+        augment = (raw.default_augment or entry.default_augment) if is_image else "none"
     names = list(raw.class_names) if raw.class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise SpecialistsError(f"{where}: {len(names)} class names for {num_classes} classes")

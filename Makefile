@@ -1,0 +1,27 @@
+# Two commands: `make quickstart` (set-up + the whole pipeline on the embedded data) and
+# `make test` (set-up + the test suite). Both create .venv and install the project when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: quickstart test setup clean-runs cifar100-cpu
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/specialists run configs/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+cifar100-cpu: $(STAMP)  # real CIFAR-100 from ../shared/data (about 40 minutes on 2 CPU cores)
+	$(VENV)/bin/specialists run configs/cifar100_cpu.yaml
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,176 @@
+"""What does routing save? Inference time of the routed ensemble over the generalist's alone.
+
+With top-1 routing every example activates the specialists whose subset holds the
+generalist's top class: one specialist for a partition. Each specialist runs only on its
+routed rows, so for same-size specialists the ensemble should cost about two forward passes
+plus the combination (the target: under 2.3x the generalist alone), against 1 + M passes for
+``all`` routing, which runs every specialist on every example.
+
+By default the models are built at random initialization (timing needs no trained weights):
+a ``--model`` (cnn) over 3 x ``--image-size``^2 inputs (32), ``--classes`` classes (100)
+split into ``--specialists`` equal subsets (10). With ``--run-dir`` the run's trained ensemble
+is timed instead, on its test images. All times are medians of ``--repeats`` passes over one
+fixed, already-normalized batch of ``--batch`` examples, after one warm-up pass. On the CPU the
+default is one thread (``--threads``): with several threads every forward call pays a fixed
+synchronization cost that, on a loaded machine, dwarfs a specialist's share of the batch.
+
+    python benchmarks/ensemble_cost.py [--device cpu|cuda] [--batch 128] [--specialists 10]
+    python benchmarks/ensemble_cost.py --run-dir runs/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from specialists.ensemble import SingleModel, SpecialistEnsemble
+from specialists.io import resolve_device
+from specialists.models import build_model, count_parameters
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def synthetic_ensemble(args, device: torch.device, routing: str) -> tuple[SpecialistEnsemble, torch.Tensor]:
+    """Random-init generalist + M same-architecture specialists over equal class blocks, and a
+    normalized batch of random images (B, 3, S, S)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    C, M, S = args.classes, args.specialists, args.image_size
+    shape = (3, S, S)
+    mcfg = OmegaConf.create({"name": args.model, "width": args.width, "depth": 2, "dropout": 0.0})
+    generalist = build_model(mcfg, C, shape).to(device).eval()
+    x = torch.randn(args.batch, *shape, generator=g).to(device)
+    # At random initialization every input gives nearly the same features, so the head's
+    # top-1 (and with it the routing) is the same class for the whole batch. Standardizing
+    # the features the head sees (on this batch) spreads the top-1 over the classes as a
+    # trained generalist's would, so each specialist runs on a batch of realistic size.
+    with torch.no_grad():
+        f = generalist.features(x)
+        mu, sd = f.mean(0), f.std(0).clamp_min(1e-6)
+        w = generalist.head.weight / sd
+        generalist.head.weight.copy_(w)
+        generalist.head.bias.copy_(-(w @ mu))
+    perm = torch.randperm(C, generator=g)
+    subsets = [perm[m::M].sort().values for m in range(M)]  # M disjoint subsets of about C / M classes
+    specialists = [build_model(mcfg, len(s) + 1, shape) for s in subsets]
+    info = {"input_shape": list(shape), "mean": [0.5] * 3, "std": [0.25] * 3, "scale": 1 / 255,
+            "class_names": [f"c{i}" for i in range(C)], "num_classes": C}
+    ens = SpecialistEnsemble(generalist, specialists, subsets, info, device, top_n=args.top_n, solver=args.solver,
+                             routing=routing, batch_size=max(args.batch, 1))
+    return ens, x
+
+
+def run_ensemble(args, device: torch.device, routing: str) -> tuple[SpecialistEnsemble, torch.Tensor]:
+    from specialists.run import Run
+
+    ens = SpecialistEnsemble.from_run(args.run_dir, device=str(device), routing=routing, top_n=args.top_n,
+                                      batch_size=max(args.batch, 1))
+    test = Run.open(args.run_dir, str(device)).data.test
+    # a seeded random sample: test sets are often stored class by class, and the first B
+    # examples would route to one or two specialists only
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:args.batch].sort().values
+    return ens, ens.preprocess(test.x[idx])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_times(fns: dict, device, repeats: int) -> dict:
+    """Median seconds of each callable over ``repeats`` passes after one warm-up each; the
+    callables take turns within every pass, so a change in machine load hits all alike."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", help="time this run's trained ensemble instead of random-init models")
+    p.add_argument("--model", default="cnn", help="model registry name (default cnn)")
+    p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--specialists", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--top-n", type=int, default=1)
+    p.add_argument("--solver", default="em", choices=("em", "closed_form", "gradient"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on a shared machine, multi-threaded small batches spend "
+                        "their time waiting for descheduled peer threads, which swamps the ratio)")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, args.threads))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    make = run_ensemble if args.run_dir else synthetic_ensemble
+    ens, x = make(args, device, "routed")
+    ens_all = SpecialistEnsemble(ens.generalist, ens.specialists, ens.subsets, ens.info, ens.device, top_n=ens.top_n,
+                                 solver=ens.solver, routing="all", batch_size=ens.batch_size, ids=ens.ids)
+    gen = SingleModel(ens.generalist, ens.info, ens.device, batch_size=ens.batch_size)
+    x = ens._prepare(x)
+    B, M = len(x), len(ens.specialists)
+
+    with torch.inference_mode():
+        _, _, active = ens.components(x)
+    per_spec = active.sum(0).tolist()
+
+    with torch.inference_mode():
+        comps = ens.components(x)
+        t = median_times({"g": lambda: gen.predict_proba(x, normalized=True),
+                          "r": lambda: ens.predict_proba(x, normalized=True),
+                          "a": lambda: ens_all.predict_proba(x, normalized=True),
+                          "c": lambda: ens._combine(*comps)}, device, args.repeats)
+    t_g, t_r, t_a, t_comb = t["g"], t["r"], t["a"], t["c"]
+
+    src = f"run {args.run_dir}" if args.run_dir else (
+        f"random-init {args.model}, {args.classes} classes, 3x{args.image_size}x{args.image_size} inputs")
+    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}")
+    print(f"ensemble: {src}; {M} specialists of sizes {sorted({len(s) for s in ens.subsets})}, "
+          f"{count_parameters(ens.generalist):,} parameters each model")
+    print(f"batch {B}, top_n={ens.top_n}, solver={ens.solver}, medians of {args.repeats} interleaved passes after a warm-up")
+    print(f"routing: {float(active.sum(1).float().mean()):.2f} active specialists per example; "
+          f"rows per specialist min {min(per_spec)} / max {max(per_spec)} (of {B})")
+    print()
+    print(f"{'model':<22}{'ms / batch':>12}{'us / example':>14}{'vs generalist':>15}")
+    for name, t in (("generalist alone", t_g), ("routed ensemble", t_r), ("all routing", t_a)):
+        print(f"{name:<22}{1e3 * t:>12.2f}{1e6 * t / B:>14.1f}{t / t_g:>14.2f}x")
+    print(f"{'  of which combine':<22}{1e3 * t_comb:>12.2f}{1e6 * t_comb / B:>14.1f}{t_comb / t_g:>14.2f}x")
+    print()
+    ok = "meets" if t_r / t_g < 2.3 else "misses"
+    print(f"routed / generalist = {t_r / t_g:.2f}x ({ok} the < 2.3x target for top-1 routing)")
+    print(f"routed / all routing = {t_r / t_a:.2f}x (all routing costs {t_a / t_g:.2f}x the generalist; "
+          f"1 + M = {1 + M} forward passes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: small threads, and one tiny trained run reused by many tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A run small enough to train in seconds on 2 CPU cores: 3 superclasses x 3 classes of 8x8
+# images, a narrow CNN, 3 specialists.
+TINY = [
+    "device=cpu", "seed=0",
+    "data.name=synthetic", "data.num_super=3", "data.classes_per_super=3", "data.train_per_class=60",
+    "data.test_per_class=30", "data.image_size=8",
+    "model.name=cnn", "model.width=8",
+    "generalist.epochs=8", "generalist.batch_size=32", "generalist.lr=0.05",
+    "subsets.num_specialists=3",
+    "specialists.epochs=2", "specialists.batch_size=32",
+    "student.epochs=2", "student.batch_size=64",
+    "evaluate.bootstrap=200", "evaluate.timing_batches=1",
+]
+
+
+def tiny_config(run_dir, *extra: str):
+    from specialists.config import load_config
+
+    return load_config(None, [f"run_dir={run_dir}", *TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run directory with the generalist, subsets and specialists trained (read-only for tests:
+    copy it with ``shutil.copytree`` before changing anything)."""
+    from specialists.pipeline import run_stage
+
+    cfg = tiny_config(tmp_path_factory.mktemp("tiny") / "run")
+    for stage in ("generalist", "subsets", "specialists"):
+        run_stage(cfg, stage)
+    return cfg

@@ -1,0 +1,178 @@
+"""Evaluation: ``score`` on a hand-made example, significance sanity, and the stage on the tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from specialists.ensemble import SpecialistEnsemble
+from specialists.evaluation import coverage_counts, print_summary, render_markdown, score
+from specialists.metrics import mcnemar, paired_bootstrap
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(tiny_run):
+    """One thread for this module's tiny batches (on 2 shared cores a multi-threaded forward
+    of a few examples mostly waits for its peer thread); the shared run is built first, with
+    the suite's settings, so its weights do not depend on which tests run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _probs(pred, c=4, hi=0.7):
+    """Rows with ``hi`` on the predicted class and the rest spread evenly."""
+    p = torch.full((len(pred), c), (1 - hi) / (c - 1))
+    p[torch.arange(len(pred)), torch.tensor(pred)] = hi
+    return p
+
+
+# 4 classes; subsets {0, 1} and {1, 2}: class 0 and 2 covered once, class 1 twice, class 3 never.
+SUBSETS = [[0, 1], [1, 2]]
+Y = torch.tensor([0, 1, 2, 3, 1, 0])
+G_PRED = [0, 2, 2, 0, 1, 3]  # right, wrong, right, wrong, right, wrong -> 3/6
+E_PRED = [0, 1, 1, 0, 1, 0]  # right, right, wrong, wrong, right, right -> 4/6
+
+
+def test_coverage_counts():
+    assert coverage_counts(Y, SUBSETS).tolist() == [1, 2, 1, 0, 2, 1]
+    assert coverage_counts([0, 1], [[0, 0], [0]]).tolist() == [2, 0]  # a repeated id counts once
+
+
+def test_score_hand_computed():
+    s = score(_probs(G_PRED), _probs(E_PRED), Y, SUBSETS, bootstrap=0)
+    assert s["generalist"]["top1"] == pytest.approx(3 / 6)
+    assert s["ensemble"]["top1"] == pytest.approx(4 / 6)
+    assert s["generalist"]["top5"] == s["ensemble"]["top5"] == 1.0  # 4 classes: the top 5 hold them all
+    assert s["change"]["top1_abs"] == pytest.approx(1 / 6)
+    assert s["change"]["top1_rel"] == pytest.approx((4 / 6 - 3 / 6) / (3 / 6))
+    assert s["change"]["top5_abs"] == 0
+    # true p is 0.7 when right and 0.1 when wrong; every confidence is 0.7
+    assert s["generalist"]["nll"] == pytest.approx(-(3 * math.log(0.7) + 3 * math.log(0.1)) / 6, rel=1e-5)
+    assert s["generalist"]["ece"] == pytest.approx(0.7 - 3 / 6, abs=1e-6)
+    assert s["ensemble"]["ece"] == pytest.approx(0.7 - 4 / 6, abs=1e-6)
+    c = s["conditional"]  # examples 0, 1, 2, 4, 5 (class 3 is uncovered)
+    assert c["count"] == 5
+    assert c["generalist_top1"] == pytest.approx(3 / 5)
+    assert c["ensemble_top1"] == pytest.approx(4 / 5)
+    rows = s["by_coverage"]
+    assert [r["covered"] for r in rows] == [0, 1, 2]
+    assert [(r["count"], r["generalist_correct"], r["ensemble_correct"]) for r in rows] == [(1, 0, 0), (3, 2, 2), (2, 1, 2)]
+    assert all(isinstance(r[k], int) for r in rows for k in ("covered", "count", "generalist_correct", "ensemble_correct"))
+    assert sum(r["count"] for r in rows) == len(Y)
+    assert rows[2]["change"] == pytest.approx(2 / 2 - 1 / 2)
+    assert rows[0]["generalist_top1"] == 0.0 and rows[0]["relative_change"] is None  # 0 right: no relative change
+    mc = s["significance"]["mcnemar"]
+    assert (mc["a_wrong_b_right"], mc["a_right_b_wrong"]) == (2, 1)  # ex 1, 5 fixed; ex 2 broken
+    assert mc["p_value"] == pytest.approx(1.0)  # 2 * P(Bin(3, 1/2) <= 1) = 1
+    assert s["significance"]["bootstrap"]["diff"] == pytest.approx(1 / 6)
+    json.dumps(s, allow_nan=False)  # JSON-clean: no NaN anywhere
+
+
+def test_score_ten_plus_row_and_every_example_in_one_row():
+    # 12 subsets hold class 0, one holds class 1, none holds class 2
+    subsets = [[0, 3]] * 12 + [[1]]
+    y = torch.tensor([0, 1, 2, 0, 3])
+    p = _probs([0, 1, 2, 1, 3])
+    s = score(p, p, y, subsets, bootstrap=0)
+    rows = s["by_coverage"]
+    assert [r["covered"] for r in rows] == list(range(11))
+    assert rows[-1]["label"] == "10+" and isinstance(rows[-1]["covered"], int)
+    assert rows[-1]["count"] == 3  # classes 0 and 3 are covered 12 times
+    assert rows[1]["count"] == 1 and rows[0]["count"] == 1
+    assert sum(r["count"] for r in rows) == len(y)
+    assert all(r["count"] == 0 for r in rows[2:10])
+    assert rows[-1]["generalist_correct"] == 2
+
+
+def test_score_with_active_sets():
+    active = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0], [1, 0], [1, 0]], dtype=torch.bool)
+    s = score(_probs(G_PRED), _probs(E_PRED), Y, SUBSETS, active, bootstrap=0)
+    assert s["routing"]["mean_active"] == pytest.approx(6 / 6)
+    assert s["routing"]["no_active_fraction"] == pytest.approx(1 / 6)
+    first = s["per_specialist"][0]  # rows 0, 1, 4, 5: generalist right on 0, 4; ensemble on all four
+    assert (first["routed"], first["generalist_correct"], first["ensemble_correct"]) == (4, 2, 4)
+
+
+def test_identical_predictions_are_not_significant():
+    ok = torch.tensor([True, False, True, True, False] * 20)
+    assert mcnemar(ok, ok)["p_value"] == 1.0
+    b = paired_bootstrap(ok, ok, samples=200, seed=0)
+    assert b["diff"] == 0 and b["ci95"] == [0.0, 0.0]
+    p = _probs(G_PRED)
+    s = score(p, p, Y, SUBSETS, bootstrap=100)
+    assert s["significance"]["mcnemar"]["p_value"] == 1.0
+    assert s["significance"]["bootstrap"]["ci95"] == [0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run, tmp_path_factory):
+    """A copy of the tiny run with the evaluate stage run."""
+    from specialists.pipeline import run_stage
+
+    d = tmp_path_factory.mktemp("eval") / "run"
+    shutil.copytree(tiny_run.run_dir, d)
+    cfg = tiny_config(d)
+    result = run_stage(cfg, "evaluate")
+    return cfg, d, result
+
+
+def test_evaluate_stage_writes_the_contract(evaluated):
+    cfg, d, result = evaluated
+    out = d / "evaluation"
+    for name in ("evaluation.json", "evaluation.md", "by_coverage.png", "specialists.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    ev = json.loads((out / "evaluation.json").read_text())  # strict JSON (would fail on NaN)
+    for a, b in (("generalist", "top1"), ("ensemble", "top1"), ("conditional", "generalist_top1"),
+                 ("conditional", "ensemble_top1")):
+        assert 0.0 <= ev[a][b] <= 1.0
+    n = ev["n"]
+    assert n == 9 * 30  # the tiny run's test split
+    rows = ev["by_coverage"]
+    assert sum(r["count"] for r in rows) == n
+    assert all(isinstance(r[k], int) for r in rows for k in ("covered", "count", "generalist_correct", "ensemble_correct"))
+    assert [r["covered"] for r in rows] == list(range(len(rows)))
+    assert {"mcnemar", "bootstrap"} <= set(ev["significance"])
+    assert len(ev["per_specialist"]) == 3 and all("subset_top1" in s for s in ev["per_specialist"])
+    assert sum(s["routed"] for s in ev["per_specialist"]) == pytest.approx(ev["routing"]["mean_active"] * n)
+    t = ev["timing"]
+    assert t["generalist_s_per_example"] > 0 and t["routed_s_per_example"] > 0 and t["all_s_per_example"] > 0
+    assert 0.0 <= ev["all_routing"]["top1"] <= 1.0
+    from specialists.manifest import Manifest
+
+    assert Manifest(d).is_done("evaluate")
+    md = (out / "evaluation.md").read_text()
+    assert "Table 4" in md and "| top-1 |" in md and "McNemar" in md
+    assert result["ensemble"]["top1"] == ev["ensemble"]["top1"]
+
+
+def test_evaluation_matches_an_independent_recomputation(evaluated):
+    cfg, d, _ = evaluated
+    ev = json.loads((d / "evaluation" / "evaluation.json").read_text())
+    from specialists.run import Run
+
+    test = Run(cfg).data.test
+    out = SpecialistEnsemble.from_run(d, device="cpu").predict_all(test.x)
+    y = test.y
+    # (float32 vs float64 means differ in the 8th digit; one example is 1 / 270)
+    assert ev["ensemble"]["top1"] == pytest.approx(float((out["ensemble"].argmax(1) == y).double().mean()), abs=1e-6)
+    assert ev["generalist"]["top1"] == pytest.approx(float((out["generalist"].argmax(1) == y).double().mean()), abs=1e-6)
+    # the generalist stage measured the same model through the training batcher
+    gen = json.loads((d / "generalist" / "metrics.json").read_text())
+    assert ev["generalist"]["top1"] == pytest.approx(gen["test_top1"], abs=1.01 / len(y))
+
+
+def test_render_markdown_with_controls_and_summary(evaluated):
+    _, d, _ = evaluated
+    ev = json.loads((d / "evaluation" / "evaluation.json").read_text())
+    md = render_markdown(ev, [{"name": "born-again student", "test_top1": 0.5, "note": "same steps"}])
+    assert "## Controls" in md and "| born-again student | 50.00% |" in md
+    text = print_summary(ev, run_dir=d)
+    assert "Table 4" in text and str(d / "evaluation" / "by_coverage.png") in text
+    assert all(f"| {r['label']} | {r['count']} |" in text for r in ev["by_coverage"])

@@ -1,0 +1,89 @@
+"""``specialists predict RUN_DIR FILE ...``: good files answered, bad ones one line each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from specialists.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(tiny_run):
+    """One thread for this module's tiny batches (on 2 shared cores a multi-threaded forward
+    of a few examples mostly waits for its peer thread); the shared run is built first, with
+    the suite's settings, so its weights do not depend on which tests run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def info(tiny_run) -> dict:
+    return json.loads((Path(tiny_run.run_dir) / "data.json").read_text())
+
+
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_predict_answers_good_files_and_reports_the_bad_one(tiny_run, info, tmp_path, capsys):
+    c, h, w = info["input_shape"]
+    rng = np.random.default_rng(0)
+    a = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (h, w, c), dtype=np.uint8)).save(a)
+    b = tmp_path / "b.npy"
+    np.save(b, rng.integers(0, 256, (2, h, w, c), dtype=np.uint8))  # a batch of two
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not an image")
+    rc = main(["predict", tiny_run.run_dir, str(a), str(bad), str(b), "--top-k", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    errors = _errors(err)
+    assert len(errors) == 1 and "bad.txt" in errors[0]
+    assert "Traceback" not in err
+    assert f"{a}:" in out and f"{b}[0]:" in out and f"{b}[1]:" in out
+    names = info["class_names"]
+    answers = [blk for blk in out.split(f"{tmp_path}/") if blk.strip()]
+    assert len(answers) == 3
+    for blk in answers:
+        ranked = [line for line in blk.splitlines() if line.strip()[:2] in ("1.", "2.", "3.")]
+        assert len(ranked) == 3 and all(any(n in line for n in names) for line in ranked)
+        probs = [float(line.rsplit(":", 1)[1]) for line in ranked]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        assert "specialist" in blk  # which specialists spoke (or that none did)
+
+
+def test_predict_resizes_images_and_all_good_returns_0(tiny_run, info, tmp_path, capsys):
+    c, h, w = info["input_shape"]
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((2 * h, 3 * w, 3), np.uint8)).save(big)  # RGB even for a 1-channel run
+    rc = main(["predict", tiny_run.run_dir, str(big), "--model", "generalist"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and not _errors(err)
+    assert "resized" in out and f"{big}:" in out
+
+
+def test_predict_wrong_shape_npy_and_missing_file(tiny_run, tmp_path, capsys):
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((5, 5)))
+    rc = main(["predict", tiny_run.run_dir, str(wrong), str(tmp_path / "missing.png")])
+    _, err = capsys.readouterr()
+    assert rc == 1
+    errors = _errors(err)
+    assert len(errors) == 2 and "wrong.npy" in errors[0] and "shape" in errors[0] and "missing.png" in errors[1]
+
+
+def test_predict_bad_run_dir_is_one_line_and_status_2(tmp_path, capsys):
+    f = tmp_path / "a.npy"
+    np.save(f, np.zeros((8, 8, 3), np.uint8))
+    rc = main(["predict", str(tmp_path / "no_run"), str(f)])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and "run directory" in err

@@ -1,0 +1,334 @@
+"""Confusable-class discovery (specialists.subsets) and the covariance plot.
+
+References are independent of the code under test: numpy float64 ``np.cov``, hand-computed
+small cases, and a planted hierarchy whose groups the clustering must recover.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from specialists.plots import plot_covariance
+from specialists.subsets import (
+    SubsetResult,
+    adjusted_rand_index,
+    covariance,
+    find_subsets,
+    kmeans,
+    normalize_columns,
+    select_subsets,
+    subset_stats,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def planted(groups=6, per_group=5, n=1500, seed=0):
+    """Synthetic generalist probabilities with a planted hierarchy.
+
+    Class ids are shuffled so groups are not id ranges. An example of class y puts a peak on
+    y, spreads a Dirichlet share over y's group and a little Dirichlet noise over all classes.
+    Returns probs (n, C) float32, labels (n,), group of each class (C,).
+    """
+    rng = np.random.default_rng(seed)
+    c = groups * per_group
+    group_of = np.empty(c, dtype=np.int64)
+    group_of[rng.permutation(c)] = np.arange(c) // per_group
+    y = rng.integers(0, c, n)
+    probs = 0.05 * rng.dirichlet(np.ones(c), size=n)
+    spread = rng.dirichlet(np.ones(per_group), size=n)
+    peak = rng.uniform(0.3, 0.8, size=n)
+    for i in range(n):
+        members = np.flatnonzero(group_of == group_of[y[i]])
+        probs[i, members] += (0.95 - peak[i]) * spread[i]
+        probs[i, y[i]] += peak[i]
+    return probs.astype(np.float32), y, group_of
+
+
+@pytest.fixture(scope="module")
+def planted_data():
+    return planted()
+
+
+# ----------------------------------------------------------------------------- covariance
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 50, 1])
+def test_covariance_matches_numpy_unbiased(chunk_size):
+    # Normalization: 1 / (N - 1), numpy's default (np.cov(..., bias=False)).
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(13), size=257).astype(np.float32)  # 50 does not divide 257
+    ref = np.cov(p.astype(np.float64), rowvar=False)
+    got = covariance(p, chunk_size=chunk_size)
+    assert got.dtype == np.float32 and got.shape == (13, 13)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_covariance_bias_torch_and_memmap(tmp_path):
+    rng = np.random.default_rng(2)
+    p = rng.random((100, 7)).astype(np.float32)
+    ref_biased = np.cov(p.astype(np.float64), rowvar=False, bias=True)
+    np.testing.assert_allclose(covariance(torch.from_numpy(p), chunk_size=33, ddof=0), ref_biased, atol=1e-5, rtol=0)
+    # A read-only memmap (how a pipeline would open a big probs.npy) works chunk by chunk.
+    np.save(tmp_path / "p.npy", p)
+    mm = np.load(tmp_path / "p.npy", mmap_mode="r")
+    np.testing.assert_allclose(covariance(mm, chunk_size=30), np.cov(p.astype(np.float64), rowvar=False),
+                               atol=1e-5, rtol=0)
+
+
+def test_covariance_several_column_blocks_exactly_symmetric():
+    # C > 1024 (several column blocks) exercises the upper-block-triangle product and the mirroring.
+    rng = np.random.default_rng(3)
+    p = rng.random((40, 2500)).astype(np.float32)
+    got = covariance(p, chunk_size=17)
+    np.testing.assert_allclose(got, np.cov(p.astype(np.float64), rowvar=False), atol=1e-5, rtol=0)
+    assert np.array_equal(got, got.T)
+
+
+def test_covariance_needs_two_rows():
+    with pytest.raises(ValueError, match="rows"):
+        covariance(np.ones((1, 3), dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- normalization
+
+
+def test_correlation_normalization_hand_checked():
+    cov = np.array([[1.0, 0.5, -0.2, 0.0],
+                    [0.5, 4.0, 0.6, 0.0],
+                    [-0.2, 0.6, 9.0, 0.0],
+                    [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)  # class 3 never varies
+    # Correlations by hand: r01 = .5/(1*2) = .25, r02 = -.2/(1*3), r12 = .6/(2*3) = .1.
+    r01, r02, r12 = 0.25, -0.2 / 3, 0.1
+    corr = np.array([[0, r01, r02, 0], [r01, 0, r12, 0], [r02, r12, 0, 0], [0, 0, 0, 0]])
+    expected = corr / np.where(np.linalg.norm(corr, axis=0) > 0, np.linalg.norm(corr, axis=0), 1)
+    got = normalize_columns(cov, "correlation")
+    assert got.dtype == np.float32 and got.shape == (4, 4)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(np.diag(got), 0)
+    np.testing.assert_allclose(np.linalg.norm(got[:, :3], axis=0), 1, atol=1e-6)
+    np.testing.assert_array_equal(got[:, 3], 0)  # zero-variance class: zero column, no NaN
+    assert got.T.flags.c_contiguous  # rows = classes without a copy, for kmeans
+    np.testing.assert_array_equal(cov, cov.T)  # input untouched
+
+
+def test_raw_normalization_is_the_covariance():
+    cov = np.array([[2.0, 1.0], [1.0, 3.0]], dtype=np.float32)
+    np.testing.assert_array_equal(normalize_columns(cov, "raw"), cov)
+    with pytest.raises(ValueError, match="kind"):
+        normalize_columns(cov, "cosine")
+
+
+# ----------------------------------------------------------------------------- k-means on a planted hierarchy
+
+
+@pytest.mark.parametrize("method", ["faiss", "minibatch"])
+def test_recovers_planted_groups(planted_data, method):
+    probs, y, group_of = planted_data
+    res = find_subsets(probs, y, num_specialists=6, method=method, seed=0)
+    assert isinstance(res, SubsetResult)
+    assert adjusted_rand_index(res.cluster_labels, group_of) >= 0.9
+    assert len(res.subsets) == 6 and not res.warnings
+    covered = np.concatenate(res.subsets)
+    assert len(covered) == len(np.unique(covered))  # partition: a class in at most one subset
+    assert res.covariance.shape == res.points.shape == (30, 30)
+    assert res.size_histogram == {5: 6}
+    assert (res.coverage == 1).all() and res.summary()["classes_covered"] == 30
+
+
+@pytest.mark.parametrize("method", ["faiss", "minibatch"])
+def test_raw_normalization_runs(planted_data, method):
+    # Raw covariance is allowed to be worse (DESIGN.md sec. 2); it must still run cleanly.
+    probs, y, group_of = planted_data
+    res = find_subsets(probs, y, num_specialists=6, normalize="raw", method=method, seed=0)
+    ari = adjusted_rand_index(res.cluster_labels, group_of)
+    assert -1 <= ari <= 1
+    assert res.cluster_labels.shape == (30,) and res.cluster_labels.dtype == np.int64
+
+
+@pytest.mark.parametrize("method", ["faiss", "minibatch"])
+def test_kmeans_deterministic(planted_data, method):
+    probs, _, _ = planted_data
+    rows = normalize_columns(covariance(probs)).T
+    a_labels, a_cent = kmeans(rows, 6, method=method, seed=3)
+    b_labels, b_cent = kmeans(rows, 6, method=method, seed=3)
+    np.testing.assert_array_equal(a_labels, b_labels)
+    np.testing.assert_array_equal(a_cent, b_cent)
+    assert a_labels.dtype == np.int64 and a_cent.dtype == np.float32 and a_cent.shape == (6, 30)
+
+
+def test_kmeans_k_bounds():
+    x = np.random.default_rng(0).random((5, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="k"):
+        kmeans(x, 6)
+    with pytest.raises(ValueError, match="k"):
+        kmeans(x, 0)
+    labels, cents = kmeans(x, 5, method="faiss")  # k == C: every class its own cluster
+    assert sorted(labels.tolist()) == [0, 1, 2, 3, 4] and cents.shape == (5, 3)
+
+
+# ----------------------------------------------------------------------------- subset selection
+
+
+def test_nearest_mode_exact_sizes(planted_data):
+    probs, y, _ = planted_data
+    res = find_subsets(probs, y, num_specialists=6, mode="nearest", classes_per_specialist=7)
+    assert len(res.subsets) >= 1
+    for s in res.subsets:
+        assert s.dtype == np.int64 and len(s) == 7 and np.all(np.diff(s) > 0)
+    assert len({tuple(s) for s in res.subsets}) == len(res.subsets)  # no duplicates
+    assert res.coverage.max() >= 1
+
+
+def test_nearest_mode_drops_duplicates():
+    points = np.array([[0.0], [0.1], [5.0], [5.1]], dtype=np.float32)
+    labels = np.array([0, 1, 2, 2])
+    centroids = np.array([[0.0], [0.05], [5.0]], dtype=np.float32)  # two centroids share {0, 1}
+    subsets = select_subsets(points, labels, centroids, mode="nearest", classes_per_specialist=2)
+    assert [s.tolist() for s in subsets] == [[0, 1], [2, 3]]
+
+
+def _hand_clusters():
+    """Points on a line. Cluster 0 = classes {0,1,2,3} around 0 (class 3 farthest), cluster 1 =
+    {4} alone near 10, cluster 2 = {5,6,7} around 20."""
+    points = np.array([[0.0], [0.5], [-0.5], [2.0], [10.0], [20.0], [20.5], [19.5]], dtype=np.float32)
+    labels = np.array([0, 0, 0, 0, 1, 2, 2, 2])
+    centroids = np.array([[0.0], [10.0], [20.0]], dtype=np.float32)
+    return points, labels, centroids
+
+
+def test_partition_min_size_leaves_small_cluster_to_generalist():
+    points, labels, centroids = _hand_clusters()
+    subsets = select_subsets(points, labels, centroids, min_size=2)
+    assert [s.tolist() for s in subsets] == [[0, 1, 2, 3], [5, 6, 7]]  # class 4 in none
+
+
+def test_partition_min_size_reassigns_when_asked():
+    points, labels, centroids = _hand_clusters()
+    # Class 4 at 10.0: centroid 0 is at distance 10, centroid 2 also 10 -> tie broken by the
+    # lower centroid id; move it to 12 so the nearest kept centroid is unambiguous (2).
+    points = points.copy()
+    points[4] = 12.0
+    subsets = select_subsets(points, labels, centroids, min_size=2, leave_unwanted=False)
+    assert [s.tolist() for s in subsets] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_partition_max_size_trims_farthest():
+    points, labels, centroids = _hand_clusters()
+    left = select_subsets(points, labels, centroids, min_size=2, max_size=3)
+    # Cluster 0 keeps its 3 nearest (0, 1, 2); class 3 (at 2.0) is left, as is class 4.
+    assert [s.tolist() for s in left] == [[0, 1, 2], [5, 6, 7]]
+    # Reassigning respects max_size: both kept clusters are full, so 3 and 4 stay out.
+    full = select_subsets(points, labels, centroids, min_size=2, max_size=3, leave_unwanted=False)
+    assert [s.tolist() for s in full] == [[0, 1, 2], [5, 6, 7]]
+    # max_size=4: cluster 0 is not trimmed and is full; orphan class 4 (at 10: equally near
+    # centroids 0 and 2) cannot join it and goes to cluster 2.
+    roomy = select_subsets(points, labels, centroids, min_size=2, max_size=4, leave_unwanted=False)
+    assert [s.tolist() for s in roomy] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_subsets_ordered_by_size_then_smallest_id():
+    points = np.arange(7, dtype=np.float32)[:, None]
+    labels = np.array([1, 1, 0, 0, 0, 2, 2])
+    centroids = np.array([[3.0], [0.5], [5.5]], dtype=np.float32)
+    subsets = select_subsets(points, labels, centroids, min_size=1)
+    assert [s.tolist() for s in subsets] == [[2, 3, 4], [0, 1], [5, 6]]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_subset_stats_hand_computed():
+    probs = np.array([[0.5, 0.3, 0.1, 0.1],    # y=0, correct
+                      [0.2, 0.6, 0.1, 0.1],    # y=1, correct
+                      [0.1, 0.1, 0.7, 0.1],    # y=2, correct
+                      [0.6, 0.1, 0.2, 0.1]],   # y=2, wrong (top-1 is class 0)
+                     dtype=np.float32)
+    y = np.array([0, 1, 2, 2])
+    s01, s23, s3 = np.array([0, 1]), np.array([2, 3]), np.array([3])
+    a, b, c = subset_stats(probs, y, [s01, s23, s3])
+    # S = {0,1}: examples 0, 1. Confusion: p_1 = .3 and p_0 = .2 -> .25; outside: .2 and .2.
+    assert a["size"] == 2 and a["n_examples"] == 2 and a["example_fraction"] == 0.5
+    assert a["confusion_mass"] == pytest.approx(0.25)
+    assert a["outside_mass"] == pytest.approx(0.2)
+    assert a["subset_top1"] == 1.0 and a["routed"] == 1.0
+    # S = {2,3}: examples 2, 3. Confusion: p_3 = .1 both -> .1; outside: .2 and .7 -> .45;
+    # top-1 right once; example 3's top-1 (class 0) is outside S.
+    assert b["n_examples"] == 2
+    assert b["confusion_mass"] == pytest.approx(0.1)
+    assert b["outside_mass"] == pytest.approx(0.45)
+    assert b["subset_top1"] == 0.5 and b["routed"] == 0.5
+    # No example of class 3: counts are zero and means are None (valid JSON null).
+    assert c["n_examples"] == 0 and c["confusion_mass"] is None and c["class_fraction"] == 0.25
+
+
+def test_adjusted_rand_index():
+    assert adjusted_rand_index([0, 0, 1, 1, 2], [5, 5, 3, 3, 9]) == pytest.approx(1.0)
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) < 0.1
+
+
+# ----------------------------------------------------------------------------- validation and warnings
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_specialists=0), "num_specialists"),
+    (dict(num_specialists=31), "num_specialists"),
+    (dict(num_specialists=3, mode="nearest"), "classes_per_specialist"),
+    (dict(num_specialists=3, mode="nearest", classes_per_specialist=0), "classes_per_specialist"),
+    (dict(num_specialists=3, mode="nearest", classes_per_specialist=31), "classes_per_specialist"),
+    (dict(num_specialists=3, mode="overlap"), "mode"),
+    (dict(num_specialists=3, normalize="cosine"), "normalize"),
+    (dict(num_specialists=3, method="sklearn"), "method"),
+    (dict(num_specialists=3, min_size=0), "min_size"),
+    (dict(num_specialists=3, min_size=3, max_size=2), "max_size"),
+])
+def test_bad_parameters_raise_naming_them(planted_data, kwargs, name):
+    probs, y, _ = planted_data
+    with pytest.raises(ValueError, match=name) as info:
+        find_subsets(probs[:50], y[:50], **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_degenerate_warnings(planted_data, caplog):
+    probs, y, _ = planted_data
+    with caplog.at_level(logging.WARNING, logger="specialists.subsets"):
+        one = find_subsets(probs, y, num_specialists=1)
+    assert any("30 of 30 classes" in w for w in one.warnings)
+    assert any("more than half" in r.getMessage() for r in caplog.records)
+    few = find_subsets(probs, y, num_specialists=6, min_size=6)  # every group has 5 classes
+    assert any("0 subsets of 6 requested" in w for w in few.warnings)
+    assert few.subsets == [] and few.stats == []
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def test_plot_covariance_small_with_names(planted_data, tmp_path):
+    probs, y, _ = planted_data
+    res = find_subsets(probs, y, num_specialists=6)
+    path = tmp_path / "plots" / "covariance.png"
+    names = [f"class{i}" for i in range(30)]
+    plot_covariance(res.points, res.subsets[:4], path, class_names=names, title="planted")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert os.listdir(path.parent) == ["covariance.png"]  # no temp file left behind
+
+
+def test_plot_covariance_large_downsampled(tmp_path):
+    import time
+
+    c = 3000
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((c, c), dtype=np.float32)
+    subsets = [np.arange(0, 500), np.arange(400, 1200), rng.choice(c, 300, replace=False)]  # overlapping
+    t0 = time.perf_counter()
+    plot_covariance(m, subsets, tmp_path / "big.png", max_pixels=500)
+    plot_covariance(np.asfortranarray(m), subsets, tmp_path / "big_f.png")  # F-ordered input path
+    assert time.perf_counter() - t0 < 30  # ~2 s on an idle 2-core machine; loose for shared CPUs
+    for name in ("big.png", "big_f.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
