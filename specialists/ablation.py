@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from .controls import refresh_reports
 from .ensemble import SpecialistEnsemble
-from .evaluation import score
+from .evaluation import _num, score
 from .generalist import split_metrics, train_classifier
-from .io import read_json, write_json, write_text
+from .io import read_json, write_json
 from .manifest import Manifest
 from .plots import plot_ablation
 from .run import Run
@@ -177,7 +178,7 @@ def render_markdown(a: dict, controls: list[dict] | None = None) -> str:
     for r in sub["rows"]:
         ci = f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if r.get("ci95") else "-"
         lines.append(f"| {r['k']} | {r['top1']:.4f} | {r['top1'] - g:+.4f} | {ci} | {r['conditional_count']} | "
-                     f"{r['conditional_generalist_top1']:.4f} | {r['conditional_ensemble_top1']:.4f} | {r['train_samples']} |")
+                     f"{_num(r['conditional_generalist_top1'])} | {_num(r['conditional_ensemble_top1'])} | {r['train_samples']} |")
     if a.get("recluster"):
         lines += ["", "## Re-clustering ablation (find-subsets + train-specialists for each M)", "",
                   "| M asked | subsets | top-1 | change | cond. generalist | cond. ensemble | ARI | specialist samples |",
@@ -185,20 +186,15 @@ def render_markdown(a: dict, controls: list[dict] | None = None) -> str:
         for r in a["recluster"]:
             ari = f"{r['adjusted_rand_index']:.3f}" if r.get("adjusted_rand_index") is not None else "-"
             lines.append(f"| {r['num_specialists']} | {r['num_subsets']} | {r['top1']:.4f} | {r['top1'] - g:+.4f} | "
-                         f"{r['conditional_generalist_top1']:.4f} | {r['conditional_ensemble_top1']:.4f} | {ari} | {r['train_samples']} |")
-    c = a.get("control")
-    rows = []
-    if c:
-        rows.append(("generalist trained longer (compute-matched)", c["test_top1"],
-                     f"{c['train_samples']} extra samples vs the specialists' {c['specialist_samples']}"))
-    rows += [(x["name"], x["test_top1"], x.get("note", "")) for x in (controls or [])]
-    if rows:
+                         f"{_num(r['conditional_generalist_top1'])} | {_num(r['conditional_ensemble_top1'])} | {ari} | {r['train_samples']} |")
+    if controls:
         full = sub["rows"][-1]["top1"]
         lines += ["", "## Controls: what the same extra compute buys otherwise", "",
                   "| model | test top-1 | change vs generalist | note |", "|---|---:|---:|---|",
                   f"| generalist | {g:.4f} | +0.0000 | |",
                   f"| generalist + all specialists | {full:.4f} | {full - g:+.4f} | |"]
-        lines += [f"| {name} | {t:.4f} | {t - g:+.4f} | {note} |" for name, t, note in rows]
+        lines += [f"| {c['name']} | {_num(c['test_top1'])} | {_num(c['test_top1'] - g, '+.4f')} | {c.get('note', '')} |"
+                  for c in controls]
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +208,6 @@ def ablate_stage(run: Run) -> dict:
         result["control"] = compute_matched_control(run, extra)
         log.info("ablation: control (generalist trained longer) test top-1 %.4f", result["control"]["test_top1"])
     write_json(out / "ablation.json", result)
-    write_text(out / "ablation.md", render_markdown(result))
+    refresh_reports(run.dir)  # ablation.md and evaluation.md, now with the compute-matched control
     plot_ablation(result, out / "ablation.png")
     return result

@@ -70,12 +70,33 @@ def _run_stage_verb(verb, args, load_config, run_all, run_stage):
     cfg = load_config(args.config, args.overrides)
     if verb == "run":
         run_all(cfg, force=args.force)
+        print(run_summary(cfg.run_dir))
     else:
         options = {}
         if verb == "train-specialists" and args.only is not None:
             options["only"] = parse_only(args.only)
         run_stage(cfg, STAGE_VERBS[verb], force=args.force, **options)
     return 0
+
+
+def run_summary(run_dir) -> str:
+    """What ``specialists run`` prints last: the evaluation table with the controls, and
+    where every report and plot of the run is."""
+    from pathlib import Path
+
+    from .controls import control_rows
+    from .evaluation import print_summary
+    from .io import read_json
+
+    run_dir = Path(run_dir)
+    path = run_dir / "evaluation" / "evaluation.json"
+    if not path.exists():
+        return f"no evaluation in {run_dir} yet"
+    ev = read_json(path)
+    shown = set(ev.get("plots", []))
+    reports = sorted(str(p) for p in run_dir.glob("*/*") if p.suffix in (".md", ".png")
+                     and str(p.relative_to(run_dir)) not in shown)
+    return "\n".join([print_summary(ev, run_dir, control_rows(run_dir)), "", "Reports:"] + [f"  {p}" for p in reports])
 
 
 def _guard(fn) -> int:

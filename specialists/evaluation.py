@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from . import metrics
+from .controls import refresh_reports
 from .ensemble import SingleModel, SpecialistEnsemble
-from .io import read_json, write_json, write_text
+from .io import read_json, write_json
 from .run import Run
 
 log = logging.getLogger("specialists")
@@ -240,16 +241,6 @@ def _specialist_rows(run_dir: Path, ens: SpecialistEnsemble, per_position: list[
     return rows
 
 
-def _known_controls(run_dir: Path) -> list[dict]:
-    """Controls already on disk (the ablation's longer-trained generalist), for the report."""
-    path = Path(run_dir) / "ablation" / "control" / "metrics.json"
-    if not path.exists():
-        return []
-    c = read_json(path)
-    return [{"name": "generalist trained longer (compute-matched)", "test_top1": c["test_top1"],
-             "note": f"{c.get('train_samples')} extra samples vs the specialists' {c.get('specialist_samples')}"}]
-
-
 def evaluate_stage(run: Run) -> dict:
     """Evaluate the run's ensemble on the test split; write ``RUN_DIR/evaluation/``. Returns
     the evaluation dict (what ``evaluation.json`` holds)."""
@@ -282,15 +273,12 @@ def evaluate_stage(run: Run) -> dict:
                          "change_vs_routed": all_top1 - ev["ensemble"]["top1"]}
     ev["timing"] = timing(ens, ens_all, test.x, ev_cfg.timing_batches, batch=min(len(test), cfg.generalist.eval_batch_size))
 
-    controls = _known_controls(run.dir)
-    if controls:
-        ev["controls"] = controls
     ev["plots"] = ["evaluation/by_coverage.png", "evaluation/specialists.png"]  # relative to the run directory
     plot_by_coverage(ev["by_coverage"], out / "by_coverage.png",
                      title=f"{ev['num_specialists']} specialists, test split (n={ev['n']})")
     plot_specialists(ev["per_specialist"], out / "specialists.png")
     write_json(out / "evaluation.json", ev)
-    write_text(out / "evaluation.md", render_markdown(ev))
+    refresh_reports(run.dir)  # evaluation.md, with whatever controls are already trained
     log.info("evaluate: generalist top-1 %.4f -> ensemble %.4f (%+.4f, 95%% CI %s, McNemar p=%.3g)",
              ev["generalist"]["top1"], ev["ensemble"]["top1"], ev["change"]["top1_abs"],
              _ci(ev["significance"]["bootstrap"].get("ci95")), ev["significance"]["mcnemar"]["p_value"])
@@ -351,13 +339,22 @@ def _coverage_table(ev: dict) -> list[str]:
     return rows
 
 
+def _controls_table(ev: dict, controls: list[dict]) -> list[str]:
+    g, e = ev["generalist"]["top1"], ev["ensemble"]["top1"]
+    rows = ["| model | test top-1 | change vs generalist | note |", "|---|---:|---:|---|",
+            f"| generalist | {_pct(g)} | {_pts(0.0)} | |",
+            f"| generalist + specialists | {_pct(e)} | {_pts(e - g)} | this evaluation |"]
+    for c in controls:
+        t = c.get("test_top1")
+        rows.append(f"| {c['name']} | {_pct(t)} | {_pts(None if t is None else t - g)} | {c.get('note', '')} |")
+    return rows
+
+
 def render_markdown(evaluation: dict, controls: list[dict] | None = None) -> str:
     """``evaluation.md``: the evaluation dict as tables a person reads.
 
-    ``controls``: extra rows for the controls table, each ``{"name", "test_top1", "note"}``
-    (the student stage adds its born-again student and second generalist here); they come
-    after the controls already in ``evaluation["controls"]`` (a name given twice keeps the
-    later row).
+    ``controls``: rows for the controls table, each ``{"name", "test_top1", "note"}``
+    (``specialists.controls.control_rows``: what the same compute buys otherwise).
     """
     ev = evaluation
     cb = ev.get("combine", {})
@@ -371,18 +368,8 @@ def render_markdown(evaluation: dict, controls: list[dict] | None = None) -> str
               "Every test example is in exactly one row.", ""]
     lines += _coverage_table(ev)
 
-    rows = {}
-    for c in list(ev.get("controls") or []) + list(controls or []):
-        rows[c["name"]] = c
-    if rows:
-        g, e = ev["generalist"]["top1"], ev["ensemble"]["top1"]
-        lines += ["", "## Controls: what the same extra compute buys otherwise", "",
-                  "| model | test top-1 | change vs generalist | note |", "|---|---:|---:|---|",
-                  f"| generalist | {_pct(g)} | {_pts(0.0)} | |",
-                  f"| generalist + specialists | {_pct(e)} | {_pts(e - g)} | this evaluation |"]
-        for c in rows.values():
-            t = c.get("test_top1")
-            lines.append(f"| {c['name']} | {_pct(t)} | {_pts(None if t is None else t - g)} | {c.get('note', '')} |")
+    if controls:
+        lines += ["", "## Controls: what the same extra compute buys otherwise", ""] + _controls_table(ev, controls)
 
     if ev.get("routing"):
         r = ev["routing"]
@@ -419,14 +406,16 @@ def render_markdown(evaluation: dict, controls: list[dict] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def print_summary(evaluation: dict, run_dir=None) -> str:
+def print_summary(evaluation: dict, run_dir=None, controls: list[dict] | None = None) -> str:
     """The quickstart's closing console text (returned; the caller prints it): the headline
-    table, conditional accuracy, the Table-4 rows and where the plots are (joined to
-    ``run_dir`` when given, else relative to the run directory)."""
+    table, conditional accuracy, the Table-4 rows, the controls and where the plots are
+    (joined to ``run_dir`` when given, else relative to the run directory)."""
     ev = evaluation
     lines = [f"Evaluation on the test split ({ev['n']} examples, {ev['num_specialists']} specialists)", ""]
     lines += _headline(ev) + ["", _significance_line(ev), ""] + _conditional_lines(ev) + ["", "Table 4:"]
     lines += _coverage_table(ev)
+    if controls:
+        lines += ["", "Controls (what the same extra compute buys otherwise):"] + _controls_table(ev, controls)
     plots = [str(Path(run_dir) / p) if run_dir is not None else p for p in ev.get("plots", [])]
     if plots:
         lines += ["", "Plots:"] + [f"  {p}" for p in plots]

@@ -28,14 +28,13 @@ are the two-generalist ensemble (DESIGN.md "Controls").
 Outputs: ``student/model.safetensors`` (loadable by ``specialists.ensemble.Student``),
 ``student/metrics.json`` (test top-1/top-5/NLL, teacher, agreement with the teacher, train
 seconds per epoch, inference seconds per example, ``control`` and ``comparisons``) and
-``student/student.md``. When ``specialists.evaluation.render_markdown`` exists the evaluation
-(and ablation) reports are rewritten with the student and control rows.
+``student/student.md``; the evaluation and ablation reports are re-rendered with the student
+and control rows (``specialists.controls``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import statistics
 import time
@@ -47,6 +46,7 @@ import torch
 
 from . import metrics
 from .config import student_model_config, to_dict
+from .controls import refresh_reports
 from .data import Batcher, epoch_generator, num_batches
 from .ensemble import SpecialistEnsemble
 from .errors import SpecialistsError
@@ -348,7 +348,7 @@ def _evaluation_top1(run: Run) -> dict:
         return {}
     try:
         ev = read_json(path)
-        return {"generalist": float(ev["generalist"]["top1"]), "ensemble": float(ev["ensemble"]["top1"]), "report": ev}
+        return {"generalist": float(ev["generalist"]["top1"]), "ensemble": float(ev["ensemble"]["top1"])}
     except (SpecialistsError, KeyError, TypeError, ValueError):
         return {}
 
@@ -505,7 +505,7 @@ def distill_stage(run: Run) -> dict:
     }
     write_json(out / "metrics.json", result)
     write_text(out / "student.md", render_markdown(result))
-    _update_reports(run, result, ev)
+    refresh_reports(run.dir)  # evaluation.md and ablation.md get the student and control rows
     log.info("student (teacher %s): test top-1 %.4f (generalist %.4f, ensemble %.4f), agreement with teacher %s",
              teacher.name, top1["student"], top1["generalist"], top1["ensemble"],
              f"{result['agreement_with_teacher']:.4f}" if result["agreement_with_teacher"] is not None else "-")
@@ -588,24 +588,3 @@ def control_rows(result: dict) -> list[dict]:
         if key in c:
             rows.append({"name": c[key]["name"], "test_top1": c[key]["test_top1"], "note": note})
     return rows
-
-
-def _update_reports(run: Run, result: dict, ev: dict) -> None:
-    """Rewrite evaluation.md (and ablation.md) with the student's control rows, where the
-    reports and their ``render_markdown(report, controls)`` exist. The student's own artifacts
-    are written by then: a report that fails to render is logged, not fatal."""
-    rows = control_rows(result)
-    targets = []
-    if ev.get("report") is not None:
-        targets.append(("evaluation", lambda: ev["report"], run.dir / "evaluation" / "evaluation.md"))
-    path = run.dir / "ablation" / "ablation.json"
-    if path.exists():
-        targets.append(("ablation", lambda: read_json(path), run.dir / "ablation" / "ablation.md"))
-    for module, report, md in targets:
-        try:
-            render = getattr(importlib.import_module(f"specialists.{module}"), "render_markdown", None)
-            if render is not None:
-                write_text(md, render(report(), rows))
-        except Exception as exc:  # noqa: BLE001 - another stage's report must not fail this one
-            log.warning("student: could not add the control rows to %s (%s: %s)", md.relative_to(run.dir),
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")

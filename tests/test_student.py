@@ -286,12 +286,8 @@ def test_stage_student_of_ensemble_with_controls(tiny_run, tmp_path, monkeypatch
 
     d = _copy(tiny_run, tmp_path)
     cfg = tiny_config(d, "student.epochs=8", "student.batch_size=32")
-    have_eval = True
-    try:
-        run_stage(cfg, "evaluate")
-    except (ImportError, AttributeError):  # the evaluate stage is not there yet
-        have_eval = False
-    result = run_stage(cfg, "student") if have_eval else _distill(cfg)
+    run_stage(cfg, "evaluate")
+    result = run_stage(cfg, "student")
 
     out = d / "student"
     m = json.loads((out / "metrics.json").read_text())
@@ -320,10 +316,9 @@ def test_stage_student_of_ensemble_with_controls(tiny_run, tmp_path, monkeypatch
                 "two-generalist average"):
         assert row in md, row
     assert "points" in md and "specialists" in md
-    if have_eval:
-        ev_md = (d / "evaluation" / "evaluation.md").read_text()
-        assert "born-again student" in ev_md and "two-generalist average" in ev_md
-        assert result["test_top1"] == m["test_top1"]
+    ev_md = (d / "evaluation" / "evaluation.md").read_text()
+    assert "born-again student" in ev_md and "two-generalist average" in ev_md
+    assert result["test_top1"] == m["test_top1"]
 
     # rerunning trains nothing: the student and both controls are on disk
     def no_training(*a, **k):
