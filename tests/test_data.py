@@ -129,7 +129,7 @@ def test_npz_single_file_images_with_names_and_coarse(tmp_path):
     ds = build_dataset(DataConfig(name="npz", path=str(p)))
     assert ds.input_shape == (3, 6, 5) and ds.class_names == ["a", "b", "c", "d"]
     assert ds.coarse_names == ["ab", "cd"] and ds.fine_to_coarse == [0, 0, 1, 1]
-    assert ds.augment == "crop_flip"
+    assert ds.augment == "none"  # under 16 pixels: no crop (test_default_augment_by_size_and_channels)
     check_split_invariants(ds, 40)
     j = ds.train.index[3].item()
     assert np.array_equal(ds.train.x[3].numpy(), x_tr[j].transpose(2, 0, 1))
@@ -143,7 +143,7 @@ def test_npz_nchw_grayscale_and_vectors(tmp_path):
     p = tmp_path / "g.npz"
     np.savez(p, x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x[:6].transpose(0, 3, 1, 2), y_test=y[:6])
     ds = build_dataset(DataConfig(name="npz", path=str(p)))
-    assert ds.input_shape == (1, 7, 7) and ds.augment == "crop"  # one channel: never flipped
+    assert ds.input_shape == (1, 7, 7) and ds.augment == "none"
     assert np.array_equal(ds.test.x.numpy(), x[:6].transpose(0, 3, 1, 2))
     assert ds.class_names == ["0", "1", "2"] and not ds.has_coarse
     # 3-channel NCHW
@@ -196,7 +196,7 @@ def test_npz_sharded_folder(tmp_path, listed, coarse_in_shards):
     assert np.array_equal(raw.y_train_coarse, np.asarray(f2c)[y_tr])
     ds = build_dataset(DataConfig(name="npz", path=str(tmp_path / "toy")))
     assert ds.class_names == ["f0", "f1", "f2", "f3"] and ds.coarse_names == ["c0", "c1"]
-    assert ds.input_shape == (3, 4, 4) and ds.augment == "crop_flip"
+    assert ds.input_shape == (3, 4, 4) and ds.augment == "none"
     assert all(ds.fine_to_coarse[c] == f2c[c] for c in np.unique(y_tr))
     check_split_invariants(ds, len(y_tr))
 
@@ -209,7 +209,7 @@ def test_npz_shards_sorted_naturally(tmp_path):
     np.savez(folder / "test-0.npz", x=np.zeros((2, 4, 4, 1), np.uint8), y=np.array([0, 1]))
     (folder / "meta.json").write_text("{}")
     raw = raw_of(name="npz", path=str(folder))
-    assert raw.x_train[:, 0, 0, 0].tolist() == [0, 0, 2, 2, 10, 10] and raw.default_augment == "crop"
+    assert raw.x_train[:, 0, 0, 0].tolist() == [0, 0, 2, 2, 10, 10] and raw.default_augment == "none"
 
 
 def _bad_npz_cases(tmp_path):
@@ -292,8 +292,26 @@ def test_imagefolder_train_test_tree(tmp_path):
     assert np.array_equal(raw.x_train[4], written[("train", "cat", 0)].transpose(2, 0, 1))
     assert np.array_equal(raw.x_test[5], written[("test", "dog", 1)].transpose(2, 0, 1))
     ds = build_dataset(DataConfig(name="imagefolder", path=str(tmp_path)))
-    assert ds.augment == "crop_flip" and ds.input_shape == (3, 6, 7) and ds.num_classes == 3
+    assert ds.augment == "none" and ds.input_shape == (3, 6, 7) and ds.num_classes == 3
     check_split_invariants(ds, 12)
+
+
+@pytest.mark.parametrize("channels,size,layout,expected", [
+    (3, 16, "nhwc", "crop_flip"), (1, 16, "nhwc", "crop"), (3, 16, "nchw", "crop_flip"), (1, 15, "nhwc", "none")])
+def test_default_augment_by_size_and_channels(tmp_path, channels, size, layout, expected):
+    """Colour images are cropped and flipped, grey ones (digits, characters) only cropped, and
+    images under 16 pixels not at all (a 1-pixel crop of an 8x8 digit costs an MLP 7 points)."""
+    x = images_nhwc(12, size, size, channels)
+    y = np.arange(12) % 2
+    if layout == "nchw":
+        x = x.transpose(0, 3, 1, 2)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:4], y_test=y[:4])
+    assert build_dataset(DataConfig(name="npz", path=str(tmp_path / "d.npz"))).augment == expected
+    # an ImageFolder tree (read as NHWC) gets the same choice
+    for i, a in enumerate(images_nhwc(8, size, size, channels)):
+        _png(tmp_path / "tree" / "train" / f"c{i % 2}" / f"{i}.png", a[..., 0] if channels == 1 else a)
+        _png(tmp_path / "tree" / "test" / f"c{i % 2}" / f"{i}.png", a[..., 0] if channels == 1 else a)
+    assert build_dataset(DataConfig(name="imagefolder", path=str(tmp_path / "tree"))).augment == expected
 
 
 def test_imagefolder_single_tree_grayscale_resize_and_holdout(tmp_path):
@@ -309,7 +327,7 @@ def test_imagefolder_single_tree_grayscale_resize_and_holdout(tmp_path):
     again = DATASETS["imagefolder"].loader(cfg)
     assert np.array_equal(raw.x_test, again.x_test) and np.array_equal(raw.y_train, again.y_train)
     ds = build_dataset(cfg)
-    assert ds.augment == "crop" and ds.input_shape == (1, 8, 8) and ds.class_names == ["a", "b"]
+    assert ds.augment == "none" and ds.input_shape == (1, 8, 8) and ds.class_names == ["a", "b"]
     # without resize, mixed sizes are an error naming the first odd file
     one_line_error(DataConfig(name="imagefolder", path=str(tmp_path)), "01.png", "data.resize")
 
