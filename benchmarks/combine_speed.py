@@ -18,26 +18,13 @@ against other processes (we measured the EM call 20x slower with 2 threads at lo
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from specialists.combine import combine, objective, prepare_subsets
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
 
 
 def make_problem(B, C, M, size, device, seed=0, sharp=3.0, active_per_example=(2, 3)):

@@ -21,7 +21,6 @@ synchronization cost that, on a loaded machine, dwarfs a specialist's share of t
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -31,19 +30,7 @@ from omegaconf import OmegaConf
 from specialists.ensemble import SingleModel, SpecialistEnsemble
 from specialists.io import resolve_device
 from specialists.models import build_model, count_parameters
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
 
 
 def synthetic_ensemble(args, device: torch.device, routing: str) -> tuple[SpecialistEnsemble, torch.Tensor]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -42,25 +41,13 @@ from specialists.models import count_parameters
 from specialists.run import Run
 from specialists.train import autocast, make_optimizer, prepare_model
 from specialists.data import Batcher
+from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
 
 DATA = {
     # name -> config overrides
     "synthetic32": ["data.name=synthetic", "data.image_size=32", "data.num_super=10", "data.classes_per_super=10",
                     "data.test_per_class=1"],
 }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def sync(device: torch.device) -> None:

@@ -22,7 +22,6 @@ import math
 import shutil
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from .controls import refresh_reports

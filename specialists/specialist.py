@@ -27,7 +27,7 @@ from .io import read_json, write_json
 from .losses import distillation_loss, hard_loss
 from .models import Classifier
 from .run import Run
-from .train import autocast, fit, predict_logits, prepare_model
+from .train import fit, predict_logits, prepare_model
 
 log = logging.getLogger("specialists")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -40,3 +41,25 @@ def tiny_run(tmp_path_factory):
     for stage in ("generalist", "subsets", "specialists"):
         run_stage(cfg, stage)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny problems: a second thread only adds
+    synchronization, and on a shared 2-core machine spinning OpenMP threads can be tens of
+    times slower. (The session's ``tiny_run``, when used, is built before this takes effect:
+    session fixtures come first, so its weights do not depend on which tests run.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI re-points the root logger at the (captured) stderr; put it back after each test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

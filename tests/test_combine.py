@@ -18,17 +18,9 @@ from specialists.combine import (
     prepare_subsets,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
+
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These problems are tiny: intra-op threads only add synchronization, and on a shared
-    # 2-core machine they turn into spinning (we measured 20x slowdowns). Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- problems

@@ -8,7 +8,6 @@ and for a sample also from ``load_config`` (a :class:`ConfigError` whose message
 from __future__ import annotations
 
 import importlib
-import logging
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,6 @@ from specialists.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI re-points the root logger at the (captured) stderr; put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def cli_error(capsys, argv: list[str], run_dir: Path) -> str:

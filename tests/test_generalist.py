@@ -24,22 +24,14 @@ from specialists.io import load_state
 from specialists.pipeline import run_stage
 from specialists.run import Run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
+
 REPO = Path(__file__).resolve().parent.parent
 # measured on the tiny config (9 classes in 3 planted groups of 3; chance 0.111 fine, 0.333
 # coarse), 1 thread, seeds 0-3: test top-1 0.40-0.47, top-5 0.99-1.0, group (coarse) accuracy
 # 0.96-0.98. The classes inside a group are hard to tell apart on purpose; the groups are not.
 MIN_TOP1 = 0.30
 MIN_COARSE = 0.85
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: much faster than two on a shared 2-core box, and the same float
-    reductions as the subprocesses below (which get OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

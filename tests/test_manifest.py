@@ -5,12 +5,10 @@ whose upstream is missing names the command to run."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY, tiny_config
 from specialists.cli import main
@@ -18,26 +16,11 @@ from specialists.errors import SpecialistsError
 from specialists.manifest import STAGE_DIRS, Manifest
 from specialists.pipeline import run_stage
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
+
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 SHORT = ["generalist.epochs=1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,13 @@ from torch import nn
 from specialists.config import ModelConfig
 from specialists.models import MODELS, Classifier, build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
+
 IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 VECTOR_SHAPES = [(64,)]
 CLASSES = 7
 # narrow widths keep the deep ResNets fast on a 2-core CPU; the architecture is the same
 SMALL_WIDTH = {"resnet10": 16, "resnet18": 16, "resnet34": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def model_cfg(name: str, width=None):

@@ -10,7 +10,6 @@ its own copy. Runs go through the real CLI entry point (``specialists.cli.main``
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -32,16 +31,6 @@ from specialists.run import Run
 from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI points the root logger at the current (captured) stderr; undo that afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _config_file(cfg, path: Path) -> Path:

@@ -7,21 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from specialists.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(tiny_run):
-    """One thread for this module's tiny batches (on 2 shared cores a multi-threaded forward
-    of a few examples mostly waits for its peer thread); the shared run is built first, with
-    the suite's settings, so its weights do not depend on which tests run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
 
 @pytest.fixture(scope="module")

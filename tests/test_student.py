@@ -23,15 +23,7 @@ from specialists.models import count_parameters
 from specialists.run import Run
 from specialists.train import predict_logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from a second thread, and on a shared 2-core machine two spinning
-    # OpenMP threads can be tens of times slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
 
 def _copy(tiny_run, tmp_path, name="run"):

@@ -8,7 +8,7 @@ stratified validation split, applies ``data.max_train``, and computes the normal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
