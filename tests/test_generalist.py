@@ -216,3 +216,25 @@ def test_resume_after_kill_gives_the_same_weights(trained, tmp_path, capsys):
     assert_same_weights(weights(run_dir), weights(cfg.run_dir))
     hist = json.loads((run_dir / "generalist" / "metrics.json").read_text())["history"]
     assert len(hist) == cfg.generalist.epochs
+
+
+def test_quickstart_config_as_a_base_trains_an_mlp_on_digits_from_an_npz(tmp_path):
+    """The quickstart config with data and model overridden: scikit-learn's digits stored as an
+    ``.npz`` of uint8 8x8x1 images, an MLP, 30 epochs. Measured 97.5% test top-1 (with the
+    default crop that 8x8 images no longer get, 39%)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * 255 / 16).astype(np.uint8)[..., None]
+    order = np.random.default_rng(0).permutation(len(x))
+    tr, te = order[:1400], order[1400:]
+    np.savez(tmp_path / "digits.npz", x_train=x[tr], y_train=d.target[tr], x_test=x[te], y_test=d.target[te])
+    from specialists.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
+                      [f"run_dir={tmp_path / 'run'}", "device=cpu", "data.name=npz", f"data.path={tmp_path / 'digits.npz'}",
+                       "model.name=mlp", "generalist.epochs=30"])
+    run_stage(cfg, "generalist")
+    m = json.loads((tmp_path / "run" / "generalist" / "metrics.json").read_text())
+    assert m["test_top1"] > 0.9, m["test_top1"]
