@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from .controls import refresh_reports
 from .ensemble import SpecialistEnsemble
-from .evaluation import _num, score
+from .evaluation import _controls_table, _num, score
 from .generalist import split_metrics, train_classifier
 from .io import read_json, write_json
 from .manifest import Manifest
@@ -186,14 +186,9 @@ def render_markdown(a: dict, controls: list[dict] | None = None) -> str:
             ari = f"{r['adjusted_rand_index']:.3f}" if r.get("adjusted_rand_index") is not None else "-"
             lines.append(f"| {r['num_specialists']} | {r['num_subsets']} | {r['top1']:.4f} | {r['top1'] - g:+.4f} | "
                          f"{_num(r['conditional_generalist_top1'])} | {_num(r['conditional_ensemble_top1'])} | {ari} | {r['train_samples']} |")
-    if controls:
-        full = sub["rows"][-1]["top1"]
-        lines += ["", "## Controls: what the same extra compute buys otherwise", "",
-                  "| model | test top-1 | change vs generalist | note |", "|---|---:|---:|---|",
-                  f"| generalist | {g:.4f} | +0.0000 | |",
-                  f"| generalist + all specialists | {full:.4f} | {full - g:+.4f} | |"]
-        lines += [f"| {c['name']} | {_num(c['test_top1'])} | {_num(c['test_top1'] - g, '+.4f')} | {c.get('note', '')} |"
-                  for c in controls]
+    if controls:  # the same table as the evaluation's: generalist, all specialists, then each control
+        ends = {"generalist": {"top1": g}, "ensemble": {"top1": sub["rows"][-1]["top1"]}}
+        lines += ["", "## Controls: what the same extra compute buys otherwise", ""] + _controls_table(ends, controls)
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,7 @@ def refresh_reports(run_dir) -> None:
 
     run_dir = Path(run_dir)
     rows = control_rows(run_dir)
-    for module, folder, name in ((evaluation, "evaluation", "evaluation"), (ablation, "ablation", "ablation")):
-        path = run_dir / folder / f"{name}.json"
+    for module, name in ((evaluation, "evaluation"), (ablation, "ablation")):
+        path = run_dir / name / f"{name}.json"
         if path.exists():
             write_text(path.with_suffix(".md"), module.render_markdown(read_json(path), rows))
