@@ -1,11 +1,11 @@
 # Two commands: `make quickstart` (set-up + the whole pipeline on the embedded data) and
-# `make test` (set-up + the test suite). Both create .venv and install the project when needed.
+# `make test` (set-up + lint + the test suite). Both create .venv and install the project when needed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: quickstart test setup clean-runs cifar100-cpu
+.PHONY: quickstart test lint setup clean-runs cifar100-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ setup: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/specialists run configs/quickstart.yaml
 
-test: $(STAMP)
+lint: $(STAMP)  # pyflakes, import order, bugbear; and the layer contracts in pyproject.toml
+	$(VENV)/bin/ruff check specialists pipelines tests benchmarks
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest
 
 cifar100-cpu: $(STAMP)  # real CIFAR-100 from ../shared/data (about 40 minutes on 2 CPU cores)

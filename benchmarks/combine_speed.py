@@ -22,9 +22,10 @@ import statistics
 import time
 
 import torch
+from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
 
 from specialists.combine import combine, objective, prepare_subsets
-from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
+from specialists.device import synchronize
 
 
 def make_problem(B, C, M, size, device, seed=0, sharp=3.0, active_per_example=(2, 3)):
@@ -47,12 +48,10 @@ def make_problem(B, C, M, size, device, seed=0, sharp=3.0, active_per_example=(2
 
 
 def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     t = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - t, out
 
 

@@ -21,16 +21,17 @@ synchronization cost that, on a loaded machine, dwarfs a specialist's share of t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
 from omegaconf import OmegaConf
 
-from specialists.ensemble import SingleModel, SpecialistEnsemble
-from specialists.io import resolve_device
+from specialists.core.combine import SOLVERS
+from specialists.device import DEVICES, resolve_device
+from specialists.engine.timing import seconds_per_example, timing_rows
+from specialists.inference import SingleModel, SpecialistEnsemble
 from specialists.models import build_model, count_parameters
-from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
+from specialists.rundir import Run
 
 
 def synthetic_ensemble(args, device: torch.device, routing: str) -> tuple[SpecialistEnsemble, torch.Tensor]:
@@ -64,36 +65,10 @@ def synthetic_ensemble(args, device: torch.device, routing: str) -> tuple[Specia
 
 
 def run_ensemble(args, device: torch.device, routing: str) -> tuple[SpecialistEnsemble, torch.Tensor]:
-    from specialists.run import Run
-
-    ens = SpecialistEnsemble.from_run(args.run_dir, device=str(device), routing=routing, top_n=args.top_n,
-                                      batch_size=max(args.batch, 1))
-    test = Run.open(args.run_dir, str(device)).data.test
-    # a seeded random sample: test sets are often stored class by class, and the first B
-    # examples would route to one or two specialists only
-    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:args.batch].sort().values
-    return ens, ens.preprocess(test.x[idx])
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_times(fns: dict, device, repeats: int) -> dict:
-    """Median seconds of each callable over ``repeats`` passes after one warm-up each; the
-    callables take turns within every pass, so a change in machine load hits all alike."""
-    for fn in fns.values():
-        fn()
-    sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    run = Run.open(args.run_dir, str(device))
+    ens = SpecialistEnsemble.from_run(run, routing=routing, top_n=args.top_n, batch_size=max(args.batch, 1))
+    test = run.data.test
+    return ens, ens.preprocess(test.x[timing_rows(len(test), args.batch)])
 
 
 def main(argv=None) -> None:
@@ -106,9 +81,9 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--top-n", type=int, default=1)
-    p.add_argument("--solver", default="em", choices=("em", "closed_form", "gradient"))
+    p.add_argument("--solver", default="em", choices=SOLVERS)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: on a shared machine, multi-threaded small batches spend "
                         "their time waiting for descheduled peer threads, which swamps the ratio)")
@@ -121,10 +96,8 @@ def main(argv=None) -> None:
 
     make = run_ensemble if args.run_dir else synthetic_ensemble
     ens, x = make(args, device, "routed")
-    ens_all = SpecialistEnsemble(ens.generalist, ens.specialists, ens.subsets, ens.info, ens.device, top_n=ens.top_n,
-                                 solver=ens.solver, routing="all", batch_size=ens.batch_size, ids=ens.ids)
+    ens_all = ens.with_routing("all")
     gen = SingleModel(ens.generalist, ens.info, ens.device, batch_size=ens.batch_size)
-    x = ens._prepare(x)
     B, M = len(x), len(ens.specialists)
 
     with torch.inference_mode():
@@ -133,11 +106,10 @@ def main(argv=None) -> None:
 
     with torch.inference_mode():
         comps = ens.components(x)
-        t = median_times({"g": lambda: gen.predict_proba(x, normalized=True),
-                          "r": lambda: ens.predict_proba(x, normalized=True),
-                          "a": lambda: ens_all.predict_proba(x, normalized=True),
-                          "c": lambda: ens._combine(*comps)}, device, args.repeats)
-    t_g, t_r, t_a, t_comb = t["g"], t["r"], t["a"], t["c"]
+    # the package's timing protocol (seconds per example), here over one batch of B
+    t = seconds_per_example({"g": gen.proba, "r": ens.proba, "a": ens_all.proba,
+                             "c": lambda _: ens.combine(*comps)}, x, B, args.repeats)
+    t_g, t_r, t_a, t_comb = (B * t[k] for k in ("g", "r", "a", "c"))
 
     src = f"run {args.run_dir}" if args.run_dir else (
         f"random-init {args.model}, {args.classes} classes, 3x{args.image_size}x{args.image_size} inputs")

@@ -1,5 +1,5 @@
 """What the student costs: training time per epoch over the generalist's, inference time per
-example over the routed ensemble's (DESIGN.md "Distilling the ensemble into one model").
+example over the routed ensemble's (docs/method.md, "Distilling the ensemble into one student").
 
 Builds a small synthetic run in a temporary folder (generalist, subsets, specialists), then,
 in one process and on the same batches:
@@ -24,8 +24,6 @@ spinning OpenMP threads can be tens of times slower than one, which would swamp 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,33 +35,22 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from specialists.config import load_config  # noqa: E402
-from specialists.ensemble import SpecialistEnsemble  # noqa: E402
-from specialists.generalist import train_classifier  # noqa: E402
-from specialists.pipeline import run_stage  # noqa: E402
-from specialists.run import Run  # noqa: E402
-from specialists.student import (  # noqa: E402
-    EnsembleTeacher,
-    GeneralistTeacher,
-    ensemble_proba_fn,
-    model_proba_fn,
-    new_student,
-    time_predictors,
-    timing_inputs,
-    train_student,
-)
+from _common import device_name  # noqa: E402  benchmarks/_common.py (the script's folder is on sys.path)
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s))"
+from specialists.device import DEVICES  # noqa: E402
+from specialists.engine.teachers import EnsembleTeacher, GeneralistTeacher  # noqa: E402
+from specialists.engine.timing import seconds_per_example, timing_rows  # noqa: E402
+from specialists.engine.trainers import train_classifier, train_student  # noqa: E402
+from specialists.inference import SingleModel, SpecialistEnsemble  # noqa: E402
+from specialists.rundir import Run, load_config  # noqa: E402
+from specialists.stages.pipeline import run_stage  # noqa: E402
+from specialists.stages.student import new_student  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config whose data/model to use (default: a small synthetic run)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--epochs", type=int, default=4, help="timed epochs of each trainer (median reported)")
     p.add_argument("--repeats", type=int, default=5, help="timed inference passes (median reported)")
     p.add_argument("--train-per-class", type=int, default=150)
@@ -95,7 +82,7 @@ def main(argv=None) -> int:
     for stage in ("generalist", "subsets", "specialists"):
         run_stage(cfg, stage)
     ds = run.data
-    ens = SpecialistEnsemble.from_run(run.dir, device=str(run.device))
+    ens = SpecialistEnsemble.from_run(run)
     sizes = [len(s) for s in ens.subsets]
     print(f"run: {cfg.data.name}, {ds.num_classes} classes, {len(ds.train)} train / {len(ds.test)} test examples, "
           f"model {cfg.model.name}, {len(sizes)} specialists of sizes {sizes}, top_n {ens.top_n} "
@@ -137,7 +124,7 @@ def main(argv=None) -> int:
             hist = train(k)
             cpu[name].append(time.process_time() - c0)
             wall[name].append(hist[-1]["seconds"])
-    x = timing_inputs(run, len(ds.test))
+    x = ens.preprocess(ds.test.x[timing_rows(len(ds.test), len(ds.test))])
     with torch.inference_mode():  # how many specialist forwards the routing asks for per example
         active = ens.components(x)[2]
     med = lambda v: float(statistics.median(v))  # noqa: E731
@@ -158,8 +145,9 @@ def main(argv=None) -> int:
     # --- inference time per example ----------------------------------------------------
     generalist = run.load_generalist()
     bsz = min(len(x), 1024)
-    t = time_predictors({"generalist": model_proba_fn(generalist, run.device), "ensemble": ensemble_proba_fn(ens),
-                         "student": model_proba_fn(student.eval(), run.device)}, x, bsz, args.repeats)
+    one = lambda m: SingleModel(m, ens.info, run.device, bsz).proba  # noqa: E731
+    t = seconds_per_example({"generalist": one(generalist), "ensemble": ens.proba, "student": one(student)}, x, bsz,
+                            args.repeats)
     t_g, t_e, t_s = t["generalist"], t["ensemble"], t["student"]
     print(f"\ninference, median of {args.repeats} interleaved passes over {len(x)} test examples (batches of {bsz}):")
     print(f"  generalist        {t_g * 1e6:10.2f} us/example")

@@ -1,7 +1,7 @@
 """Class-subset discovery at JFT scale: 15,000 classes, 61 specialists (Hinton et al., sec. 5).
 
 Generates synthetic generalist probabilities with planted groups of confusable classes,
-then times each step of ``specialists.subsets`` (covariance, normalization, both k-means
+then times each step of ``specialists.core`` (covariance, kmeans, subsets) (covariance, normalization, both k-means
 methods, both subset modes, statistics) and the downsampled covariance plot. Prints seconds
 per step, the total, the peak resident memory (``ru_maxrss``) and the adjusted Rand index of
 the clusters against the planted groups (a quality check, not a timing).
@@ -28,15 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from specialists.plots import plot_covariance  # noqa: E402
-from specialists.subsets import (  # noqa: E402
-    adjusted_rand_index,
-    covariance,
-    kmeans,
-    normalize_columns,
-    select_subsets,
-    subset_stats,
-)
+from specialists.core.covariance import covariance, normalize_columns  # noqa: E402
+from specialists.core.kmeans import kmeans  # noqa: E402
+from specialists.core.subsets import adjusted_rand_index, select_subsets, subset_stats  # noqa: E402
+from specialists.reports.plots import plot_covariance  # noqa: E402
 
 
 def peak_rss_gib() -> float:

@@ -1,10 +1,10 @@
 """Is the trainer held back by its data path? Training images/s of the full trainer next to the
 raw forward/backward/step on batches that are already on the device.
 
-* **trainer**: ``specialists.generalist.train_classifier`` itself, exactly as the generalist
+* **trainer**: ``specialists.engine.trainers.train_classifier`` itself, exactly as the generalist
   stage runs it: the device-resident ``Batcher`` (seeded shuffle, normalization, random crop
   with padding on the device), channels-last and bf16 autocast on CUDA, cross-entropy,
-  ``specialists.train.fit``'s step loop (zero_grad, backward, optimizer and schedule step, the
+  ``specialists.engine.fit.fit``'s step loop (zero_grad, backward, optimizer and schedule step, the
   per-step loss read-back). One timed window = one epoch (``fit`` times each epoch; there is
   no per-epoch evaluation here).
 * **raw**: the same architecture, optimizer and autocast on pre-made, pre-normalized batches
@@ -33,26 +33,21 @@ import tempfile
 import time
 
 import torch
-
-from specialists.config import load_config
-from specialists.generalist import train_classifier
-from specialists.losses import hard_loss
-from specialists.models import count_parameters
-from specialists.run import Run
-from specialists.train import autocast, make_optimizer, prepare_model
-from specialists.data import Batcher
 from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
+
+from specialists.core.losses import hard_loss
+from specialists.core.optim import make_optimizer
+from specialists.data import Batcher, EpochBatches, epoch_generator
+from specialists.device import DEVICES, autocast, prepare_model, synchronize
+from specialists.engine.trainers import train_classifier
+from specialists.models import count_parameters
+from specialists.rundir import Run, load_config
 
 DATA = {
     # name -> config overrides
     "synthetic32": ["data.name=synthetic", "data.image_size=32", "data.num_super=10", "data.classes_per_super=10",
                     "data.test_per_class=1"],
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def trainer_windows(run: Run, tcfg, seed: int) -> tuple[list[float], int]:
@@ -70,18 +65,14 @@ def raw_windows(run: Run, tcfg, steps: int, windows: int, seed: int) -> list[flo
     torch.manual_seed(seed)
     model = prepare_model(run.new_model(), device, ds.is_image)
     model.train()
-    opt = make_optimizer(model, tcfg)
-    batcher = Batcher(ds, ds.train, device)
-    channels_last = device.type == "cuda" and ds.is_image
-    batches = []
-    g = torch.Generator().manual_seed(seed)
-    for x, y, _ in batcher.epoch(tcfg.batch_size, shuffle=True, augment=False, generator=g, drop_last=True):
-        batches.append(((x.contiguous(memory_format=torch.channels_last) if channels_last else x), y))
-        if len(batches) == steps:
-            break
+    opt = make_optimizer(model, tcfg.optimizer, tcfg.lr, momentum=tcfg.momentum, nesterov=tcfg.nesterov,
+                         weight_decay=tcfg.weight_decay)
+    batcher = Batcher(ds, ds.train, device)  # channels-last on CUDA, as in training
+    sampler = EpochBatches(len(ds.train), tcfg.batch_size, drop_last=True)
+    batches = [batcher.batch(idx) for _, idx in zip(range(steps), sampler.epoch(epoch_generator(seed, 0)))]
     rates = []
     for _ in range(windows):
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for x, y in batches:
             with autocast(device):
@@ -89,7 +80,7 @@ def raw_windows(run: Run, tcfg, steps: int, windows: int, seed: int) -> list[flo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        sync(device)
+        synchronize(device)
         rates.append(len(batches) * tcfg.batch_size / (time.perf_counter() - t0))
     return rates
 
@@ -98,7 +89,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a model registry name (default: resnet18 on GPU, cnn on CPU)")
     p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--batch-size", type=int, default=None, help="default: 512 on GPU, 128 on CPU")
     p.add_argument("--data", default="synthetic32", choices=sorted(DATA))
     p.add_argument("--windows", type=int, default=4, help="timed windows (epochs) after warm-up")

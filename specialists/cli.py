@@ -1,9 +1,5 @@
-"""The ``specialists`` command: one verb per stage, ``run`` for all of them, ``predict``.
-
-    specialists run CONFIG [key=value ...] [--force]
-    specialists train-generalist | find-subsets | evaluate | ablate | distill CONFIG [key=value ...]
-    specialists train-specialists CONFIG [key=value ...] [--only 0,3]
-    specialists predict RUN_DIR FILE [FILE ...] [--model ensemble|student|generalist]
+"""The ``specialists`` command, built from the stage table: one verb per stage, ``run`` for
+all of them, ``predict`` for inference on files.
 
 A user error (bad config, missing file, missing stage) prints one line and exits with 2.
 """
@@ -16,14 +12,16 @@ import sys
 
 from .errors import SpecialistsError
 
-STAGE_VERBS = {
-    "train-generalist": "generalist",
-    "find-subsets": "subsets",
-    "train-specialists": "specialists",
-    "evaluate": "evaluate",
-    "ablate": "ablate",
-    "distill": "student",
-}
+
+def _usage() -> str:
+    from .stages import STAGES
+
+    lines = ["usage:", "  specialists run CONFIG [key=value ...] [--force]    every stage, resumable"]
+    for s in STAGES:
+        extra = "".join(f" [--{o} ...]" for o in s.options)
+        lines.append(f"  specialists {s.verb} CONFIG [key=value ...]{extra}    {s.help}")
+    lines.append("  specialists predict RUN_DIR FILE [FILE ...] [--model ensemble|student|generalist]")
+    return "\n".join(lines)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -44,59 +42,47 @@ def parse_only(text: str | None) -> list[int] | None:
     return sorted(set(ids))
 
 
-def stage_parser(verb: str) -> argparse.ArgumentParser:
+OPTIONS = {  # the command-line options a stage row may name: (argparse help, parser of the value)
+    "only": ("train only these specialist ids (e.g. 3 or 0,3)", parse_only),
+}
+
+
+def stage_parser(verb: str, options=()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"specialists {verb}")
     p.add_argument("config", help="YAML config file (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. generalist.epochs=5")
     p.add_argument("--force", action="store_true",
                    help="rerun a stage whose recorded config differs, and everything after it")
     p.add_argument("-v", "--verbose", action="store_true")
-    if verb == "train-specialists":
-        p.add_argument("--only", help="train only these specialist ids (e.g. 3 or 0,3)")
+    for name in options:
+        p.add_argument(f"--{name}", help=OPTIONS[name][0])
     return p
 
 
 def stage_main(verb: str, argv: list[str] | None = None) -> int:
-    """Entry point shared by the pipeline scripts and the CLI verbs."""
-    from .config import load_config
-    from .pipeline import run_all, run_stage
+    """Entry point shared by the pipeline scripts and the CLI verbs (``run`` or a stage's verb)."""
+    from .stages import BY_VERB
 
-    args = stage_parser(verb).parse_intermixed_args(argv)
+    stage = BY_VERB.get(verb)
+    args = stage_parser(verb, stage.options if stage else ()).parse_intermixed_args(argv)
     setup_logging(args.verbose)
-    return _guard(lambda: _run_stage_verb(verb, args, load_config, run_all, run_stage))
+    return _guard(lambda: _run_verb(stage, args))
 
 
-def _run_stage_verb(verb, args, load_config, run_all, run_stage):
+def _run_verb(stage, args) -> int:
+    from .reports.render import run_summary
+    from .rundir import Run, load_config
+    from .stages.pipeline import run_all, run_stage
+
     cfg = load_config(args.config, args.overrides)
-    if verb == "run":
+    if stage is None:  # `run`
         run_all(cfg, force=args.force)
-        print(run_summary(cfg.run_dir))
-    else:
-        options = {}
-        if verb == "train-specialists" and args.only is not None:
-            options["only"] = parse_only(args.only)
-        run_stage(cfg, STAGE_VERBS[verb], force=args.force, **options)
+        print(run_summary(Run(cfg)))
+        return 0
+    options = {name: OPTIONS[name][1](getattr(args, name)) for name in stage.options
+               if getattr(args, name) is not None}
+    run_stage(cfg, stage.key, force=args.force, **options)
     return 0
-
-
-def run_summary(run_dir) -> str:
-    """What ``specialists run`` prints last: the evaluation table with the controls, and
-    where every report and plot of the run is."""
-    from pathlib import Path
-
-    from .controls import control_rows
-    from .evaluation import print_summary
-    from .io import read_json
-
-    run_dir = Path(run_dir)
-    path = run_dir / "evaluation" / "evaluation.json"
-    if not path.exists():
-        return f"no evaluation in {run_dir} yet"
-    ev = read_json(path)
-    shown = set(ev.get("plots", []))
-    reports = sorted(str(p) for p in run_dir.glob("*/*") if p.suffix in (".md", ".png")
-                     and str(p.relative_to(run_dir)) not in shown)
-    return "\n".join([print_summary(ev, run_dir, control_rows(run_dir)), "", "Reports:"] + [f"  {p}" for p in reports])
 
 
 def _guard(fn) -> int:
@@ -111,28 +97,31 @@ def _guard(fn) -> int:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
+    from .device import DEVICES
+    from .inference.predict import MODELS, predict_files
+
     p = argparse.ArgumentParser(prog="specialists predict", description="classify image or .npy files")
     p.add_argument("run_dir")
     p.add_argument("files", nargs="+")
-    p.add_argument("--model", choices=("ensemble", "student", "generalist"), default="ensemble")
+    p.add_argument("--model", choices=MODELS, default="ensemble")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     args = p.parse_args(argv)
     setup_logging()
 
     def go():
-        from .predict import predict_files
-
         return predict_files(args.run_dir, args.files, model=args.model, top_k=args.top_k, device=args.device)
 
     return _guard(go)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .stages import BY_VERB
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbs = ["run", *STAGE_VERBS, "predict"]
+    verbs = ["run", *BY_VERB, "predict"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
-        print(__doc__.strip(), file=sys.stderr)
+        print(_usage(), file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown command '{argv[0]}' (one of: {', '.join(verbs)})", file=sys.stderr)
             return 2

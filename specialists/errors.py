@@ -1,7 +1,8 @@
 """User-facing errors: anything a user can fix (a config value, a file, a missing stage).
 
 The CLI prints these as one line (``error: <message>``) and exits with status 2; anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. :func:`one_line` is the one way to quote a library's
+exception inside such a message.
 """
 
 
@@ -11,3 +12,10 @@ class SpecialistsError(Exception):
 
 class ConfigError(SpecialistsError):
     """An unknown key, a wrong type or an impossible value in the configuration."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc``'s message on one line (its lines joined), at most ``limit`` characters; the
+    exception's type name when it has no message."""
+    text = " ".join(s.strip() for s in str(exc).splitlines() if s.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

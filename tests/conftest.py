@@ -26,7 +26,7 @@ TINY = [
 
 
 def tiny_config(run_dir, *extra: str):
-    from specialists.config import load_config
+    from specialists.rundir.config import load_config
 
     return load_config(None, [f"run_dir={run_dir}", *TINY, *extra])
 
@@ -35,7 +35,7 @@ def tiny_config(run_dir, *extra: str):
 def tiny_run(tmp_path_factory):
     """A run directory with the generalist, subsets and specialists trained (read-only for tests:
     copy it with ``shutil.copytree`` before changing anything)."""
-    from specialists.pipeline import run_stage
+    from specialists.stages.pipeline import run_stage
 
     cfg = tiny_config(tmp_path_factory.mktemp("tiny") / "run")
     for stage in ("generalist", "subsets", "specialists"):

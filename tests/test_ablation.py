@@ -9,10 +9,10 @@ import logging
 import shutil
 
 import pytest
-
 from conftest import tiny_config
-from specialists.ablation import ablation_counts, specialist_order
-from specialists.run import Run
+
+from specialists.core.scoring import ablation_counts, specialist_order
+from specialists.rundir import Run
 
 
 def test_ablation_counts_are_powers_of_two_and_all():
@@ -34,7 +34,7 @@ def test_specialist_order_by_size_confusion_and_seeded_random():
 
 @pytest.fixture(scope="module")
 def ablated(tiny_run, tmp_path_factory):
-    from specialists.pipeline import run_stage
+    from specialists.stages.pipeline import run_stage
 
     d = tmp_path_factory.mktemp("ablate") / "run"
     shutil.copytree(tiny_run.run_dir, d)

@@ -391,7 +391,7 @@ def test_validation_errors():
 
 
 def test_row_chunks_give_the_same_result(monkeypatch):
-    import specialists.combine as combine_module
+    import specialists.core.combine as combine_module
 
     pg, subsets, ps, act = make_problem(20, C=20, M=5, size=8, overlap=True, seed=8)
     whole, info = combine(pg, subsets, ps, act, return_info=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from specialists.cli import main
-from specialists.config import load_config
 from specialists.errors import ConfigError
+from specialists.rundir.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -179,8 +179,8 @@ UNUSED_SECTION_ERRORS = [("student.epochs=-1", "student.epochs"), ("student.lr=0
 @pytest.mark.parametrize("verb", VERBS)
 def test_every_verb_validates_every_section_before_doing_anything(tmp_path, capsys, verb):
     # a different unused section per verb (rotating), plus the temperature for all of them
-    override, key = UNUSED_SECTION_ERRORS[VERBS.index(verb) % len(UNUSED_SECTION_ERRORS)]
-    for i, (override, key) in enumerate([(override, key), ("distill.temperature=0", "distill.temperature")]):
+    unused = UNUSED_SECTION_ERRORS[VERBS.index(verb) % len(UNUSED_SECTION_ERRORS)]
+    for i, (override, key) in enumerate([unused, ("distill.temperature=0", "distill.temperature")]):
         run_dir = tmp_path / f"run{i}"
         line = cli_error(capsys, [verb, QUICKSTART, override, f"run_dir={run_dir}"], run_dir)
         assert f"'{key}'" in line, line

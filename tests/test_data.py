@@ -19,9 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from specialists.config import DataConfig
-from specialists.data import DATASETS, Batcher, build_dataset, epoch_generator, stratified_split
+from specialists.data import (
+    DATASETS,
+    Batcher,
+    EpochBatches,
+    Preprocessing,
+    build_dataset,
+    epoch_generator,
+    seeded_batches,
+    stratified_split,
+)
 from specialists.errors import SpecialistsError
+from specialists.rundir.config import DataConfig
 
 
 def raw_of(**kw):
@@ -517,13 +526,35 @@ def test_batcher_normalized_batches():
     mean, std = torch.tensor(ds.mean).view(1, 3, 1, 1), torch.tensor(ds.std).view(1, 3, 1, 1)
     assert torch.allclose(x, (ds.train.x[:10].float() / 255 - mean) / std)
     assert torch.equal(y, ds.train.y[:10])
-    batches = list(b.epoch(32, shuffle=True, augment=False, generator=epoch_generator(0, 0)))
+    batches = list(seeded_batches(b, EpochBatches(len(ds.train), 32, drop_last=False), seed=0, augment=False)(0))
     assert sum(len(t[1]) for t in batches) == len(ds.train)
     assert sorted(torch.cat([t[2] for t in batches]).tolist()) == list(range(len(ds.train)))
     vds = build_dataset(DataConfig(**SMALL_SYN, variant="vector"))
     vb = Batcher(vds, vds.val, "cpu")
     vx, vy = vb.batch(torch.arange(5), augment=True, generator=epoch_generator(0, 0))
     assert vx.shape == (5, 64) and torch.allclose(vx, (vds.val.x[:5] - torch.tensor(vds.mean)) / torch.tensor(vds.std))
+
+
+def test_training_batches_and_inference_share_one_preprocessing():
+    """The batcher (training, evaluation) and the inference API normalize with the same code and
+    the same numbers: raw inputs in any accepted layout give bit-identical model inputs."""
+    ds, b = _batcher()
+    idx = torch.arange(12)
+    x_train, _ = b.batch(idx)
+    info = json.loads(json.dumps(ds.preprocessing()))  # as stored in a run's data.json
+    pre = Preprocessing(info)
+    raw = ds.train.x[:12]  # uint8 NCHW
+    assert torch.equal(pre(raw), x_train)
+    assert torch.equal(pre(raw.permute(0, 2, 3, 1).numpy()), x_train)  # NHWC numpy, as users pass it
+    assert torch.equal(pre(raw[0]), x_train[:1])  # one image
+    # by hand: (x / 255 - mean) / std per channel, in float32
+    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+    assert torch.equal(x_train, (raw.float() / 255 - mean) / std)
+    with pytest.raises(SpecialistsError, match="expected images"):
+        pre(torch.zeros(2, 5, 8, 8, dtype=torch.uint8))
+    vds = build_dataset(DataConfig(**SMALL_SYN, variant="vector"))
+    vpre = Preprocessing(vds.preprocessing())
+    assert torch.equal(vpre(vds.val.x[:5].double().numpy()), Batcher(vds, vds.val, "cpu").batch(torch.arange(5))[0])
 
 
 def test_batcher_crop_flip_reproducible_and_correct():

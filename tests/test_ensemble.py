@@ -12,9 +12,9 @@ import torch
 
 from specialists.combine import combine
 from specialists.data import Batcher
-from specialists.ensemble import SingleModel, SpecialistEnsemble
 from specialists.errors import SpecialistsError
-from specialists.run import Run
+from specialists.inference import SingleModel, SpecialistEnsemble
+from specialists.rundir import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
@@ -67,7 +67,7 @@ def test_routed_q_equals_all_routing_components_on_the_same_active_sets(ens, ens
     with torch.inference_mode():
         p_g, p_routed, active = ens.components(x)
         p_g_all, p_all, active_all = all_routing.components(x)
-        q = ens._combine(p_g, p_routed, active)
+        q = ens.combine(p_g, p_routed, active)
         q_from_all = combine(p_g_all, ens.table, p_all, active, ens.solver, max_iter=ens.max_iter, tol=ens.tol)
     assert active_all.all()
     assert not active.all() and active.any()  # a real routing: some rows skip some specialists

@@ -8,11 +8,12 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from specialists.ensemble import SpecialistEnsemble
-from specialists.evaluation import coverage_counts, print_summary, render_markdown, score
-from specialists.metrics import mcnemar, paired_bootstrap
+
+from specialists.core.metrics import mcnemar, paired_bootstrap
+from specialists.core.scoring import coverage_counts, score
+from specialists.inference import SpecialistEnsemble
+from specialists.reports.evaluation import print_summary, render_markdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
@@ -105,7 +106,7 @@ def test_identical_predictions_are_not_significant():
 @pytest.fixture(scope="module")
 def evaluated(tiny_run, tmp_path_factory):
     """A copy of the tiny run with the evaluate stage run."""
-    from specialists.pipeline import run_stage
+    from specialists.stages.pipeline import run_stage
 
     d = tmp_path_factory.mktemp("eval") / "run"
     shutil.copytree(tiny_run.run_dir, d)
@@ -135,9 +136,9 @@ def test_evaluate_stage_writes_the_contract(evaluated):
     t = ev["timing"]
     assert t["generalist_s_per_example"] > 0 and t["routed_s_per_example"] > 0 and t["all_s_per_example"] > 0
     assert 0.0 <= ev["all_routing"]["top1"] <= 1.0
-    from specialists.manifest import Manifest
+    from specialists.rundir import Manifest
 
-    assert Manifest(d).is_done("evaluate")
+    assert Manifest(d / "manifest.json").is_done("evaluate")
     md = (out / "evaluation.md").read_text()
     assert "Table 4" in md and "| top-1 |" in md and "McNemar" in md
     assert result["ensemble"]["top1"] == ev["ensemble"]["top1"]
@@ -146,7 +147,7 @@ def test_evaluate_stage_writes_the_contract(evaluated):
 def test_evaluation_matches_an_independent_recomputation(evaluated):
     cfg, d, _ = evaluated
     ev = json.loads((d / "evaluation" / "evaluation.json").read_text())
-    from specialists.run import Run
+    from specialists.rundir import Run
 
     test = Run(cfg).data.test
     out = SpecialistEnsemble.from_run(d, device="cpu").predict_all(test.x)

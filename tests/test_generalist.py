@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, tiny_config
 from safetensors.torch import load_file
 
-from conftest import TINY, tiny_config
 from specialists.cli import main
 from specialists.errors import SpecialistsError
-from specialists.io import load_state
-from specialists.pipeline import run_stage
-from specialists.run import Run
+from specialists.rundir import Run
+from specialists.rundir.io import load_state
+from specialists.stages.pipeline import run_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
@@ -230,7 +230,7 @@ def test_quickstart_config_as_a_base_trains_an_mlp_on_digits_from_an_npz(tmp_pat
     order = np.random.default_rng(0).permutation(len(x))
     tr, te = order[:1400], order[1400:]
     np.savez(tmp_path / "digits.npz", x_train=x[tr], y_train=d.target[tr], x_test=x[te], y_test=d.target[te])
-    from specialists.config import load_config
+    from specialists.rundir.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
                       [f"run_dir={tmp_path / 'run'}", "device=cpu", "data.name=npz", f"data.path={tmp_path / 'digits.npz'}",

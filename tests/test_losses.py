@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specialists.losses import distillation_loss, hard_loss, log_probs, soft_loss, soft_targets
+from specialists.core.losses import distillation_loss, hard_loss, log_probs, soft_loss, soft_targets
 
 B, C = 5, 7
 

@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, tiny_config
+
 from specialists.cli import main
 from specialists.errors import SpecialistsError
-from specialists.manifest import STAGE_DIRS, Manifest
-from specialists.pipeline import run_stage
+from specialists.rundir import Manifest, config_values
+from specialists.stages import BY_KEY, depends
+from specialists.stages.pipeline import run_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
@@ -79,13 +80,13 @@ def test_changed_generalist_key_is_refused(run_dir, capsys):
 
 def test_force_reruns_the_stage_and_wipes_downstream(run_dir):
     cfg = tiny_config(run_dir, *SHORT)
-    m = Manifest(run_dir)
+    m = Manifest(run_dir / "manifest.json")
     for stage in ("subsets", "specialists", "evaluate"):  # pretend the later stages ran
-        folder = run_dir / STAGE_DIRS[stage]
+        folder = run_dir / BY_KEY[stage].folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "artifact.txt").write_text(stage)
-        m.start(stage, cfg)
-        m.finish(stage, [f"{STAGE_DIRS[stage]}/artifact.txt"])
+        m.start(stage, config_values(cfg, depends(stage)))
+        m.finish(stage, [f"{BY_KEY[stage].folder}/artifact.txt"])
     (run_dir / "notes.txt").write_text("not a stage's")
     old_metrics = json.loads((run_dir / "generalist" / "metrics.json").read_text())
     assert len(old_metrics["history"]) == 1
@@ -99,7 +100,7 @@ def test_force_reruns_the_stage_and_wipes_downstream(run_dir):
     assert set(rec) == {"generalist"}
     assert rec["generalist"]["status"] == "done" and rec["generalist"]["inputs"]["generalist.epochs"] == 2
     for stage in ("subsets", "specialists", "evaluate"):
-        assert not (run_dir / STAGE_DIRS[stage]).exists(), stage
+        assert not (run_dir / BY_KEY[stage].folder).exists(), stage
     assert (run_dir / "notes.txt").read_text() == "not a stage's"
     # now the new value is the recorded one: rerunning with it is a no-op, the old one is refused
     assert run_stage(tiny_config(run_dir, "generalist.epochs=2"), "generalist") is None

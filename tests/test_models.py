@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from specialists.config import ModelConfig
 from specialists.models import MODELS, Classifier, build_model
+from specialists.rundir.config import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 

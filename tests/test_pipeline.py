@@ -20,15 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 from specialists.cli import main
-from specialists.config import to_yaml
 from specialists.errors import SpecialistsError
-from specialists.io import read_json
-from specialists.run import Run
-
-from conftest import tiny_config
+from specialists.rundir import Run
+from specialists.rundir.config import to_yaml
+from specialists.rundir.io import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,12 +206,12 @@ def test_bad_subset_configuration_from_the_shell(tmp_path):
 def test_subset_stage_checks_the_loaded_class_count(tmp_path, attr, value):
     """For data sets whose class count is only known once loaded, the stage itself refuses
     (here the config is changed after validation to reach that check)."""
-    from specialists.subset_stage import find_subsets_stage
+    from specialists.stages.subsets import find
 
     cfg = tiny_config(tmp_path / "run")
     setattr(cfg.subsets, attr, value)
     with pytest.raises(SpecialistsError) as info:
-        find_subsets_stage(Run(cfg))
+        find(Run(cfg))
     msg = str(info.value)
     assert f"subsets.{attr}" in msg and "\n" not in msg
     assert not (tmp_path / "run" / "subsets").exists()

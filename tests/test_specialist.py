@@ -15,26 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from specialists.data import Batcher
-from specialists.io import load_weights, read_json
-from specialists.models import Classifier
-from specialists.run import Run
-from specialists.specialist import (
-    MixedBatches,
+from specialists.core.heads import (
     analytic_shift,
     collapse_logits,
     fit_dustbin_shift,
     is_soft_phase,
-    load_subsets,
     local_labels,
     make_specialist,
-    train_one,
 )
-from specialists.train import predict_logits
-
-from conftest import tiny_config
+from specialists.data import Batcher, MixedBatches
+from specialists.engine.fit import predict_logits
+from specialists.models import Classifier
+from specialists.rundir import Run
+from specialists.rundir.io import load_weights, read_json
+from specialists.stages.specialists import train_one
 
 F64 = torch.float64
 
@@ -84,7 +81,7 @@ def test_step0_specialist_ranks_subset_exactly_like_the_generalist(tiny_run):
     with torch.no_grad():
         feats = gen.features(x_train)
         z_g = gen(x_test)
-        for s in load_subsets(run):
+        for s in run.load_subsets():
             S = torch.tensor(s["classes"])
             spec = make_specialist(gen, S, feats).eval()
             assert spec.head.out_features == len(S) + 1
@@ -110,7 +107,7 @@ def test_dustbin_init_approximates_logsumexp_of_the_other_classes(tiny_run):
     with torch.no_grad():
         feats = gen.features(x_train)
         z_g = gen(x_test).double()
-        for s in load_subsets(run):
+        for s in run.load_subsets():
             S = torch.tensor(s["classes"])
             others = _complement(S, ds.num_classes)
             target = torch.logsumexp(z_g[:, others], 1)  # independent reference, float64
@@ -176,7 +173,7 @@ def test_collapse_logits_softmax_is_subset_probs_plus_summed_rest():
 
 def test_soft_target_collapses_first_then_tempers():
     """The right soft target is softmax([z_S, logsumexp(z_others)] / T); summing the already
-    tempered softmax(z / T) over the others inflates the dustbin (DESIGN.md section 2)."""
+    tempered softmax(z / T) over the others inflates the dustbin (docs/method.md, specialist training)."""
     g = torch.Generator().manual_seed(2)
     T, C = 4.0, 100
     z = 2 * torch.randn(32, C, generator=g, dtype=F64)
@@ -343,8 +340,8 @@ def test_tiny_run_specialists_ran_one_hard_and_one_soft_epoch(tiny_run):
     scfg = tiny_run.specialists
     assert (scfg.phases, scfg.phase_unit, scfg.epochs, scfg.soft_share) == ("alternate", "epoch", 2, 0.5)
     n_pos = round(scfg.batch_size * scfg.subset_fraction)
-    for s in load_subsets(run):
-        m = read_json(run.specialist_dir(s["id"]) / "metrics.json")
+    for s in run.load_subsets():
+        m = read_json(run.specialist(s["id"]).metrics)
         steps = math.ceil(_subset_train_count(run.data, s["classes"]) / n_pos)
         assert m["steps"] == 2 * steps
         assert (m["hard_steps"], m["soft_steps"]) == (steps, steps)
@@ -359,7 +356,7 @@ def step_phase_specialist(tiny_run, tmp_path_factory):
     dst = _fresh_run_dir(tiny_run, tmp_path_factory.mktemp("steps"))
     cfg = tiny_config(dst, "specialists.phase_unit=steps", "specialists.phase_steps=4", "specialists.epochs=2")
     run = Run(cfg)
-    s = load_subsets(run)[0]
+    s = run.load_subsets()[0]
     result = train_one(run, s["id"], s["classes"], run.load_generalist())
     return run, s, result
 
@@ -375,7 +372,7 @@ def test_step_blocks_alternate_across_epoch_boundaries(step_phase_specialist):
         assert h.get("hard_steps", 0) == len(flags) - sum(flags)
     assert result["soft_steps"] == sum(soft) and result["hard_steps"] == 2 * steps - sum(soft)
     assert result["soft_steps"] > 0 and result["hard_steps"] > 0
-    on_disk = read_json(run.specialist_dir(s["id"]) / "metrics.json")
+    on_disk = read_json(run.specialist(s["id"]).metrics)
     assert (on_disk["hard_steps"], on_disk["soft_steps"]) == (result["hard_steps"], result["soft_steps"])
 
 
@@ -385,11 +382,11 @@ def test_calibrated_shift_leaves_the_saved_specialist_calibrated_on_val(step_pha
     run, s, result = step_phase_specialist
     assert result["dustbin_correction"] == "calibrated"
     S = torch.tensor(s["classes"])
-    model = load_weights(run.specialist_dir(s["id"]) / "model.safetensors", run.new_model(len(S) + 1))
+    model = load_weights(run.specialist(s["id"]).weights, run.new_model(len(S) + 1))
     ds = run.data
-    z = predict_logits(model, ds, ds.val, run.device)
+    z = predict_logits(model, Batcher(ds, ds.val, run.device))
     assert abs(fit_dustbin_shift(z, local_labels(ds.val.y, S, ds.num_classes))) < 1e-3
-    assert read_json(run.specialist_dir(s["id"]) / "metrics.json")["dustbin_shift"] == pytest.approx(
+    assert read_json(run.specialist(s["id"]).metrics)["dustbin_shift"] == pytest.approx(
         result["dustbin_shift"])
 
 
@@ -399,7 +396,7 @@ def test_hard_only_schedule_with_analytic_shift(tiny_run, tmp_path):
     dst = _fresh_run_dir(tiny_run, tmp_path)
     cfg = tiny_config(dst, "specialists.phases=hard", "specialists.epochs=1", "specialists.dustbin_correction=analytic")
     run = Run(cfg)
-    s = load_subsets(run)[1]
+    s = run.load_subsets()[1]
     result = train_one(run, s["id"], s["classes"], run.load_generalist())
     n_s = _subset_train_count(run.data, s["classes"])
     steps = math.ceil(n_s / 16)
@@ -422,7 +419,7 @@ def test_tiny_run_specialists_beat_the_generalist_on_their_subsets(tiny_run):
     -2.2, +2.2, +3.7 on average (and phases=hard: +3.7, -3.7, +1.9, +3.3). The dedicated test
     below uses a config whose gain holds across seeds."""
     run = Run(tiny_run)
-    rows = [read_json(run.specialist_dir(s["id"]) / "metrics.json") for s in load_subsets(run)]
+    rows = [read_json(run.specialist(s["id"]).metrics) for s in run.load_subsets()]
     assert len(rows) == 3
     gains = [m["subset_top1"] - m["generalist_subset_top1"] for m in rows]
     for m in rows:
@@ -434,12 +431,12 @@ def test_generalist_subset_accuracy_is_the_restricted_argmax(tiny_run):
     """An independent recomputation of ``generalist_subset_top1`` from the generalist's logits."""
     run = Run(tiny_run)
     ds, gen = run.data, run.load_generalist()
-    z = predict_logits(gen, ds, ds.test, run.device)
-    for s in load_subsets(run):
+    z = predict_logits(gen, Batcher(ds, ds.test, run.device))
+    for s in run.load_subsets():
         S = torch.tensor(s["classes"])
         in_s = torch.isin(ds.test.y, S)
         want = float((S[z[in_s][:, S].argmax(1)] == ds.test.y[in_s]).float().mean())
-        m = read_json(run.specialist_dir(s["id"]) / "metrics.json")
+        m = read_json(run.specialist(s["id"]).metrics)
         assert m["generalist_subset_top1"] == pytest.approx(want, abs=1e-6)
 
 
@@ -462,15 +459,15 @@ VECTOR = [
 
 
 def test_specialists_beat_the_generalist_on_their_subsets_on_average(tmp_path):
-    from specialists.config import load_config
-    from specialists.pipeline import run_stage
+    from specialists.rundir.config import load_config
+    from specialists.stages.pipeline import run_stage
 
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *VECTOR])
     assert cfg.specialists.phases == "alternate"  # the default schedule
     for stage in ("generalist", "subsets", "specialists"):
         run_stage(cfg, stage)
     run = Run(cfg)
-    rows = [read_json(run.specialist_dir(s["id"]) / "metrics.json") for s in load_subsets(run)]
+    rows = [read_json(run.specialist(s["id"]).metrics) for s in run.load_subsets()]
     assert len(rows) == 4 and sum(m["size"] for m in rows) == 16
     assert all(m["test_examples_in_subset"] == 100 * m["size"] for m in rows)
     assert all(m["hard_steps"] > 0 and m["soft_steps"] > 0 for m in rows)

@@ -11,17 +11,22 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from specialists import student as student_mod
 from specialists.combine import combine
-from specialists.ensemble import SpecialistEnsemble, Student
+from specialists.core.losses import distillation_loss, log_probs
+from specialists.data import Batcher, teacher_table
+from specialists.engine import steps as steps_mod
+from specialists.engine import teachers as teachers_mod
+from specialists.engine import trainers
+from specialists.engine.fit import predict_logits
 from specialists.errors import SpecialistsError
-from specialists.losses import distillation_loss, log_probs
+from specialists.inference import SpecialistEnsemble, Student
 from specialists.models import count_parameters
-from specialists.run import Run
-from specialists.train import predict_logits
+from specialists.rundir import Run
+from specialists.stages import BY_KEY
+from specialists.stages import student as student_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
@@ -33,9 +38,14 @@ def _copy(tiny_run, tmp_path, name="run"):
 
 
 def _distill(cfg):
+    """The student stage as the pipeline runs it, without its upstream check (the copied tiny
+    run has no evaluation): the stage, then the reports its row names."""
     run = Run(cfg)
     run.save_config()  # as run_stage does: Student.from_run reads the student model from it
-    return student_mod.distill_stage(run)
+    result = student_mod.distill(run)
+    for report in BY_KEY["student"].reports:
+        report(run)
+    return result
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -99,7 +109,7 @@ def test_ensemble_targets_are_combine_on_the_same_augmented_batch(tiny_run, tmp_
     run = Run(cfg)
     ens = SpecialistEnsemble.from_run(d, device="cpu")
     seen_x, used = [], []
-    real_targets, real_loss = student_mod.ensemble_teacher_logits, student_mod.distillation_loss
+    real_targets, real_loss = teachers_mod.ensemble_teacher_logits, steps_mod.distillation_loss
 
     def spy_targets(e, x):
         seen_x.append(x.clone())
@@ -117,22 +127,22 @@ def test_ensemble_targets_are_combine_on_the_same_augmented_batch(tiny_run, tmp_
         return hook
 
     hooks = [s.register_forward_hook(counter(m)) for m, s in enumerate(ens.specialists)]
-    monkeypatch.setattr(student_mod, "ensemble_teacher_logits", spy_targets)
-    monkeypatch.setattr(student_mod, "distillation_loss", spy_loss)
+    monkeypatch.setattr(teachers_mod, "ensemble_teacher_logits", spy_targets)
+    monkeypatch.setattr(steps_mod, "distillation_loss", spy_loss)
     model = student_mod.new_student(run, cfg.seed)
-    student_mod.train_student(run, model, student_mod.EnsembleTeacher(ens), None, seed=cfg.seed, desc="t",
-                              eval_splits=())
+    trainers.train_student(run, model, teachers_mod.EnsembleTeacher(ens), None, seed=cfg.seed, desc="t",
+                           eval_splits=())
     for h in hooks:
         h.remove()
     assert len(seen_x) == len(used) >= 2
 
     # the batches are the student's own seeded, augmented batches
-    batches, _ = student_mod.student_batches(run, cfg.student.batch_size, cfg.seed, augment=True)
+    batches, _ = trainers.student_batches(run, cfg.student.batch_size, cfg.seed, augment=True)
     first = list(batches(0))
     total_active = 0
     for b, (x, y, idx) in enumerate(first):
         assert torch.equal(seen_x[b], x) and torch.equal(used[b][1], y)
-        plain, _ = student_mod.Batcher(run.data, run.data.train, "cpu").batch(idx)
+        plain, _ = Batcher(run.data, run.data.train, "cpu").batch(idx)
         if b == 0:
             assert not torch.equal(x, plain), "the teacher must see the augmented batch"
         # independent recomputation: every model on the full batch, routing by hand, combine
@@ -152,7 +162,7 @@ def test_ensemble_targets_are_combine_on_the_same_augmented_batch(tiny_run, tmp_
 
 # ----------------------------------------------------------------------------- black-box teacher
 def _source_labels(ds):
-    n, exact = student_mod.source_train_size(ds)
+    n, exact = teacher_table.source_train_size(ds)
     assert exact and n == len(ds.train) + len(ds.val)
     y = np.full(n, -1)
     y[ds.train.index.numpy()] = ds.train.y.numpy()
@@ -166,10 +176,10 @@ def test_probs_teacher_trains_a_smaller_student(tiny_run, tmp_path):
     run = Run(tiny_config(d))
     ds = run.data
     # a black-box teacher: the generalist's probabilities, in the source training order
-    n, _ = student_mod.source_train_size(ds)
+    n, _ = teacher_table.source_train_size(ds)
     table = np.zeros((n, ds.num_classes), np.float32)
     for split in (ds.train, ds.val):
-        z = predict_logits(run.load_generalist(), ds, split, run.device)
+        z = predict_logits(run.load_generalist(), Batcher(ds, split, run.device))
         table[split.index.numpy()] = torch.softmax(z, 1).numpy()
     path = tmp_path / "teacher.npy"
     np.save(path, table)
@@ -226,7 +236,7 @@ def test_bad_probs_files_are_refused_with_one_line_and_train_nothing(tiny_run, t
         path = tmp_path / f"{name}.npy"
         np.save(path, array.astype(np.float32))
         if words is None:
-            assert student_mod.load_teacher_probs(path, n, c).shape == (n, c)
+            assert teacher_table.load_teacher_probs(path, n, c).shape == (n, c)
             continue
         cfg = tiny_config(d, "student.teacher=probs", f"student.teacher_probs={path}")
         with pytest.raises(SpecialistsError) as err:
@@ -244,7 +254,7 @@ class _Killed(Exception):
 
 
 def test_killed_student_resumes_to_the_same_result(tiny_run, tmp_path, monkeypatch):
-    import specialists.train as train_mod
+    import specialists.engine.fit as train_mod
 
     extra = ("student.epochs=2", "student.controls=false", "student.batch_size=32")
     a = _copy(tiny_run, tmp_path, "a")
@@ -274,7 +284,7 @@ def test_killed_student_resumes_to_the_same_result(tiny_run, tmp_path, monkeypat
 
 # ----------------------------------------------------------------------------- the stage
 def test_stage_student_of_ensemble_with_controls(tiny_run, tmp_path, monkeypatch):
-    from specialists.pipeline import run_stage
+    from specialists.stages.pipeline import run_stage
 
     d = _copy(tiny_run, tmp_path)
     cfg = tiny_config(d, "student.epochs=8", "student.batch_size=32")

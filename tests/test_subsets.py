@@ -1,4 +1,4 @@
-"""Confusable-class discovery (specialists.subsets) and the covariance plot.
+"""Confusable-class discovery (specialists.core: covariance, kmeans, subsets) and the covariance plot.
 
 References are independent of the code under test: numpy float64 ``np.cov``, hand-computed
 small cases, and a planted hierarchy whose groups the clustering must recover.
@@ -13,17 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from specialists.plots import plot_covariance
-from specialists.subsets import (
-    SubsetResult,
-    adjusted_rand_index,
-    covariance,
-    find_subsets,
-    kmeans,
-    normalize_columns,
-    select_subsets,
-    subset_stats,
-)
+from specialists.core.covariance import covariance, normalize_columns
+from specialists.core.kmeans import kmeans
+from specialists.core.subsets import SubsetResult, adjusted_rand_index, find_subsets, select_subsets, subset_stats
+from specialists.reports.plots import plot_covariance
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -144,7 +137,7 @@ def test_recovers_planted_groups(planted_data, method):
 
 @pytest.mark.parametrize("method", ["faiss", "minibatch"])
 def test_raw_normalization_runs(planted_data, method):
-    # Raw covariance is allowed to be worse (DESIGN.md sec. 2); it must still run cleanly.
+    # Raw covariance is allowed to be worse (docs/method.md, class subsets); it must still run cleanly.
     probs, y, group_of = planted_data
     res = find_subsets(probs, y, num_specialists=6, normalize="raw", method=method, seed=0)
     ari = adjusted_rand_index(res.cluster_labels, group_of)
@@ -297,7 +290,7 @@ def test_bad_parameters_raise_naming_them(planted_data, kwargs, name):
 
 def test_degenerate_warnings(planted_data, caplog):
     probs, y, _ = planted_data
-    with caplog.at_level(logging.WARNING, logger="specialists.subsets"):
+    with caplog.at_level(logging.WARNING, logger="specialists.core.subsets"):
         one = find_subsets(probs, y, num_specialists=1)
     assert any("30 of 30 classes" in w for w in one.warnings)
     assert any("more than half" in r.getMessage() for r in caplog.records)

@@ -1,13 +1,26 @@
-"""The data registry: ``build_dataset(cfg.data)`` for every entry in ``DATASETS``.
+"""Data: the registry and its sources, the one preprocessing, samplers, black-box tables.
 
-Entries (all offline; torchvision sets download only with ``data.download=true``):
-``synthetic`` (embedded default), ``digits`` (scikit-learn's bundled digits), ``cifar10``,
-``cifar100``, ``mnist``, ``fashion_mnist``, ``emnist``, ``imagefolder``, ``npz``.
+Entries of ``DATASETS`` (all offline; torchvision sets download only with
+``data.download=true``): ``synthetic`` (embedded default), ``digits`` (scikit-learn's bundled
+digits), ``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``, ``emnist``, ``imagefolder``,
+``npz``.
 """
 
-from .base import DATASETS, Dataset, DatasetEntry, RawData, Split, build_dataset, register, stratified_split
-from .loader import Batcher, epoch_generator, num_batches
 from . import files, synthetic, torchvision_sets  # noqa: F401  (each registers its entries)
+from .batches import AUGMENTATIONS, Batcher, EpochBatches, MixedBatches, epoch_generator, seeded_batches
+from .preprocess import Preprocessing
+from .registry import (
+    DATASETS,
+    HELD_IN_SPLITS,
+    Dataset,
+    DatasetEntry,
+    RawData,
+    Split,
+    build_dataset,
+    register,
+    stratified_split,
+)
 
-__all__ = ["DATASETS", "Dataset", "DatasetEntry", "RawData", "Split", "build_dataset", "register",
-           "stratified_split", "Batcher", "epoch_generator", "num_batches"]
+__all__ = ["AUGMENTATIONS", "DATASETS", "HELD_IN_SPLITS", "Batcher", "Dataset", "DatasetEntry", "EpochBatches",
+           "MixedBatches", "Preprocessing", "RawData", "Split", "build_dataset", "epoch_generator", "register",
+           "seeded_batches", "stratified_split"]

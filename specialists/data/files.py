@@ -11,7 +11,7 @@
 ``npz`` (``data.path``)
     Either one ``.npz`` file with ``x_train, y_train, x_test, y_test`` (optional
     ``y_train_coarse, y_test_coarse, class_names, coarse_names``), or a folder of shards with a
-    ``meta.json`` as in ``../shared/data/cifar100``: shards ``train-*.npz`` / ``test-*.npz``
+    ``meta.json``: shards ``train-*.npz`` / ``test-*.npz``
     (or the files listed in meta.json's ``train`` / ``test`` entries) each holding ``x, y`` and
     optionally ``y_coarse``; names from ``fine_names`` (or ``class_names``) and
     ``coarse_names``; ``fine_to_coarse`` supplies coarse labels when the shards have none.
@@ -41,8 +41,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..errors import SpecialistsError
-from .base import RawData, register, stratified_split
+from ..errors import SpecialistsError, one_line
+from .registry import RawData, register, stratified_split
 
 TEST_FRACTION = 0.2  # digits and single-tree imagefolder: the held-out test share
 TEST_SEED = 0  # fixed, so the test set does not depend on data.split_seed
@@ -92,7 +92,7 @@ def _open_npz(path: Path):
         with open(path, "rb") as f:
             head = f.read(6)
     except OSError as e:
-        raise SpecialistsError(f"{path}: cannot open ({_first_line(e)})") from None
+        raise SpecialistsError(f"{path}: cannot open ({one_line(e)})") from None
     if head.startswith(b"\x93NUMPY"):
         raise SpecialistsError(f"{path}: a single .npy array, not an .npz archive of named arrays")
     if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
@@ -100,13 +100,8 @@ def _open_npz(path: Path):
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SpecialistsError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+        raise SpecialistsError(f"{path}: not a readable .npz file ({one_line(e)})") from None
     return z
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _get(z, key: str, path: Path) -> np.ndarray:
@@ -116,9 +111,9 @@ def _get(z, key: str, path: Path) -> np.ndarray:
         if "pickle" in str(e) or "Object arrays" in str(e):  # object arrays need pickle: never allowed
             raise SpecialistsError(f"{path}: array '{key}' is an object array, which would need pickle; store "
                                    "strings as a numpy unicode array, e.g. np.array(names, dtype=str)") from None
-        raise SpecialistsError(f"{path}: array '{key}' is corrupted ({_first_line(e)})") from None
+        raise SpecialistsError(f"{path}: array '{key}' is corrupted ({one_line(e)})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
-        raise SpecialistsError(f"{path}: array '{key}' is corrupted ({_first_line(e)})") from None
+        raise SpecialistsError(f"{path}: array '{key}' is corrupted ({one_line(e)})") from None
 
 
 def _names(a: Optional[np.ndarray], key: str, path) -> Optional[List[str]]:
@@ -278,7 +273,7 @@ def _load_npz_folder(folder: Path) -> RawData:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpecialistsError(f"{meta_path}: not valid JSON ({_first_line(e)})") from None
+        raise SpecialistsError(f"{meta_path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(meta, dict):
         raise SpecialistsError(f"{meta_path}: must hold a JSON object")
     x_tr, y_tr, yc_tr = _load_shards(folder, meta, "train")
@@ -344,7 +339,7 @@ def _read_images(files: List[Path], resize: Optional[int]) -> np.ndarray:
                 modes.append(im.mode)
                 sizes.append(im.size)
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise SpecialistsError(f"{f}: cannot read image ({_first_line(e)})") from None
+            raise SpecialistsError(f"{f}: cannot read image ({one_line(e)})") from None
     gray = all(m in GRAY_MODES for m in modes)
     mode, channels = ("L", 1) if gray else ("RGB", 3)
     if resize:
@@ -369,7 +364,7 @@ def _read_images(files: List[Path], resize: Optional[int]) -> np.ndarray:
                     im2 = im2.resize((w, h), Image.Resampling.BILINEAR)
                 a = np.asarray(im2, dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise SpecialistsError(f"{f}: cannot read image ({_first_line(e)})") from None
+            raise SpecialistsError(f"{f}: cannot read image ({one_line(e)})") from None
         out[i] = a.reshape(h, w, channels)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # NCHW
 

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import RawData, register
+from .registry import RawData, register
 
+VARIANTS = ("image", "vector")  # data.variant
 CLASS_SCALE = 0.5  # size of the class-specific part relative to the superclass template
 NOISE_SCALE = 0.9  # per-example smooth noise (x difficulty)
 PIXEL_NOISE = 0.3

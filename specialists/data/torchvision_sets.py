@@ -22,8 +22,8 @@ from typing import List
 
 import numpy as np
 
-from ..errors import SpecialistsError
-from .base import RawData, register
+from ..errors import SpecialistsError, one_line
+from .registry import RawData, register
 
 
 def _root(cfg) -> str:
@@ -31,12 +31,6 @@ def _root(cfg) -> str:
         raise SpecialistsError(f"data set '{cfg.name}' needs data.path (the folder torchvision keeps it in; "
                                "data.download=true fetches it there)")
     return os.path.expanduser(str(cfg.path))
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """The whole message of ``e`` on one line (torchvision's download errors span several)."""
-    text = " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_split(cls, cfg, expected: List[str], **kwargs):
@@ -49,9 +43,9 @@ def _load_split(cls, cfg, expected: List[str], **kwargs):
         except RuntimeError as e:
             present = [p for p in expected if os.path.isfile(p)]
             if cfg.download:
-                raise SpecialistsError(f"{cfg.name}: could not download the data into '{root}' ({_one_line(e)})") from None
+                raise SpecialistsError(f"{cfg.name}: could not download the data into '{root}' ({one_line(e, 300)})") from None
             if len(present) == len(expected):
-                why = "their md5 sums are not the official ones" if "corrupted" in str(e) else _one_line(e)
+                why = "their md5 sums are not the official ones" if "corrupted" in str(e) else one_line(e, 300)
                 raise SpecialistsError(f"{cfg.name}: the files under '{os.path.dirname(expected[0])}' are corrupted "
                                        f"({why}); remove them and set data.download=true to fetch them again") from None
             missing = [os.path.basename(p) for p in expected if not os.path.isfile(p)]
@@ -61,7 +55,7 @@ def _load_split(cls, cfg, expected: List[str], **kwargs):
         except (OSError, ValueError, TypeError, AssertionError, EOFError, pickle.UnpicklingError) as e:
             # download failures (no network) or files that do not parse
             what = "download the data into" if cfg.download else "read the data under"
-            raise SpecialistsError(f"{cfg.name}: could not {what} '{root}' ({type(e).__name__}: {_one_line(e)})") from None
+            raise SpecialistsError(f"{cfg.name}: could not {what} '{root}' ({type(e).__name__}: {one_line(e, 300)})") from None
     return out
 
 
@@ -112,7 +106,7 @@ def load_cifar100(cfg) -> RawData:
         yc_te = np.asarray(_unpickle(os.path.join(base, CIFAR100.test_list[0][0]))["coarse_labels"], np.int64)
         coarse_names = list(_unpickle(os.path.join(base, CIFAR100.meta["filename"]))["coarse_label_names"])
     except (KeyError, TypeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise SpecialistsError(f"cifar100: cannot read the coarse labels under '{base}' ({_one_line(e)})") from None
+        raise SpecialistsError(f"cifar100: cannot read the coarse labels under '{base}' ({one_line(e, 300)})") from None
     if len(yc_tr) != len(y_tr) or len(yc_te) != len(y_te):
         raise SpecialistsError(f"cifar100: coarse and fine labels under '{base}' differ in length")
     return RawData(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,

@@ -1,0 +1,68 @@
+"""THE input preprocessing, shared by training batches and inference, so they cannot drift.
+
+A run's ``data.json`` (:meth:`Dataset.preprocessing`) records the input shape, the raw units
+(uint8 images scaled by ``scale`` = 1/255, float vectors by 1) and the per-channel (images) or
+per-feature (vectors) mean and std of the training split. :class:`Preprocessing` turns raw
+inputs into the model's normalized float32 input with exactly those numbers: the device batcher
+calls :meth:`Preprocessing.normalize` on every batch, and the inference API calls
+:meth:`Preprocessing.__call__` on whatever a user passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import SpecialistsError
+
+
+class Preprocessing:
+    """Raw inputs -> normalized float32 model inputs on ``device``.
+
+    ``info``: the dict of :meth:`Dataset.preprocessing` (a run's ``data.json``).
+    """
+
+    def __init__(self, info: dict, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.input_shape = tuple(info["input_shape"])
+        self.is_image = len(self.input_shape) == 3
+        # divide by 1/scale (255 for uint8 images): the division is what training always did
+        self.divisor = 1.0 / float(info["scale"])
+        shape = (1, -1, 1, 1) if self.is_image else (1, -1)
+        self.mean = torch.tensor(info["mean"], dtype=torch.float32, device=self.device).view(shape)
+        self.std = torch.tensor(info["std"], dtype=torch.float32, device=self.device).view(shape)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in the stored layout and raw units ((B, C, H, W) or (B, D), on the device)
+        -> float32 ``(x / divisor - mean) / std``."""
+        x = x.float()
+        if self.divisor != 1.0:
+            x = x / self.divisor
+        return (x - self.mean) / self.std
+
+    def to_batch(self, x) -> torch.Tensor:
+        """Raw user input -> a batch in the stored layout on the device, raw units.
+
+        Images: (N, H, W, C) or (N, C, H, W) with the run's channel count, or one image
+        (H, W, C) / (C, H, W), or (N, H, W) for one channel. Vectors: (N, D) (flattened).
+        A shape that fits none of these is one :class:`SpecialistsError` line.
+        """
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        if not self.is_image:
+            x = x.reshape(len(x), -1)
+            if x.shape[1] != self.input_shape[0]:
+                raise SpecialistsError(f"expected vectors of {self.input_shape[0]} features, got {x.shape[1]}")
+            return x.to(self.device)
+        c, h, w = self.input_shape
+        if x.ndim == 3:
+            x = x[None] if x.shape in ((c, h, w), (h, w, c)) else x[:, None]
+        if x.ndim == 4 and tuple(x.shape[1:]) == (h, w, c) and tuple(x.shape[1:]) != (c, h, w):
+            x = x.permute(0, 3, 1, 2)
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
+            raise SpecialistsError(f"expected images of shape (N, {h}, {w}, {c}) or (N, {c}, {h}, {w}), "
+                                   f"got {tuple(x.shape)}")
+        return x.to(self.device)
+
+    def __call__(self, x) -> torch.Tensor:
+        """Raw user input -> normalized float32 model input on the device."""
+        return self.normalize(self.to_batch(x))

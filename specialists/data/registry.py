@@ -1,0 +1,247 @@
+"""Data set types and the one data registry.
+
+Every data set is held in memory as tensors: images as uint8 ``(N, C, H, W)``, vectors as
+float32 ``(N, D)``. A registry entry (``@register(name)``, see ``synthetic.py``, ``files.py``
+and ``torchvision_sets.py``) only has to produce a :class:`RawData` (train and test arrays,
+optional coarse labels and names); :func:`build_dataset` then carves the seeded, stratified
+validation split, applies ``data.max_train``, and computes the normalization that
+:meth:`Dataset.preprocessing` records for inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import SpecialistsError
+
+SPLITS = ("train", "val", "test")
+HELD_IN_SPLITS = ("val", "train")  # what a model may be fitted or clustered on: never test
+
+
+@dataclass
+class RawData:
+    """What a registry loader returns. Images uint8 NCHW, vectors float32 (N, D)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: Optional[List[str]] = None
+    y_train_coarse: Optional[np.ndarray] = None
+    y_test_coarse: Optional[np.ndarray] = None
+    coarse_names: Optional[List[str]] = None
+    num_classes: Optional[int] = None  # default: max label + 1
+    default_augment: Optional[str] = None  # overrides the entry's default (e.g. by channel count)
+
+
+@dataclass
+class Split:
+    """One split. ``x``: uint8 (N, C, H, W) or float32 (N, D); ``y``: int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    y_coarse: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None  # position of each example in the source's training order
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    class_names: List[str]
+    input_shape: tuple  # (C, H, W) for images, (D,) for vectors
+    mean: List[float]  # per channel (images, in [0,1] units) or per feature (vectors)
+    std: List[float]
+    augment: str  # none | crop | flip | crop_flip
+    crop_padding: int = 4
+    coarse_names: Optional[List[str]] = None
+    fine_to_coarse: Optional[List[int]] = None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def has_coarse(self) -> bool:
+        return self.fine_to_coarse is not None
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, name)
+
+    def preprocessing(self) -> dict:
+        """What inference needs to take raw inputs (saved in the run directory)."""
+        return {
+            "input_shape": list(self.input_shape),
+            "layout": "NCHW" if self.is_image else "ND",
+            "dtype": "uint8" if self.is_image else "float32",
+            "channel_order": ("RGB" if self.input_shape[0] == 3 else "L") if self.is_image else None,
+            "scale": 1 / 255 if self.is_image else 1.0,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+        }
+
+
+@dataclass
+class DatasetEntry:
+    loader: Callable  # (DataConfig) -> RawData
+    needs_path: bool = False
+    default_augment: str = "crop_flip"  # natural images; "crop" for digits/characters; "none" for vectors
+    description: str = ""
+
+
+DATASETS: Dict[str, DatasetEntry] = {}
+
+
+def register(name: str, *, needs_path: bool = False, default_augment: str = "crop_flip", description: str = ""):
+    """Decorator adding a loader ``(DataConfig) -> RawData`` to the registry."""
+
+    def wrap(fn):
+        DATASETS[name] = DatasetEntry(fn, needs_path, default_augment, description)
+        return fn
+
+    return wrap
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): ``round(fraction * n_c)`` examples of each class c go to val
+    (at least one where the class has two or more). Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        k = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        val.append(idx[:k])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    mask = np.ones(len(y), bool)
+    mask[val_idx] = False
+    return np.flatnonzero(mask), val_idx
+
+
+def _to_images(x: np.ndarray, where: str) -> np.ndarray:
+    """uint8 images to NCHW; accepts NHWC (C in {1, 3}), NCHW when unambiguous, or NHW."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise SpecialistsError(f"{where}: images must be (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if x.shape[1] in (1, 3):
+        return np.ascontiguousarray(x)
+    raise SpecialistsError(f"{where}: cannot tell the channel axis of images with shape {x.shape}")
+
+
+def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise SpecialistsError(f"{where}: labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(y) and y.min() < 0:
+        raise SpecialistsError(f"{where}: negative labels")
+    return y.astype(np.int64)
+
+
+def build_dataset(data_cfg) -> Dataset:
+    """Load ``data_cfg.name`` through the registry and return train/val/test splits."""
+    if data_cfg.name not in DATASETS:
+        raise SpecialistsError(f"unknown data set '{data_cfg.name}' (known: {', '.join(sorted(DATASETS))})")
+    entry = DATASETS[data_cfg.name]
+    raw: RawData = entry.loader(data_cfg)
+    where = f"data set '{data_cfg.name}'"
+
+    y_train = _check_labels(raw.y_train, where + " y_train")
+    y_test = _check_labels(raw.y_test, where + " y_test")
+    if len(raw.x_train) != len(y_train) or len(raw.x_test) != len(y_test):
+        raise SpecialistsError(f"{where}: x and y have different lengths")
+    if len(y_train) < 2 or len(y_test) < 1:
+        raise SpecialistsError(f"{where}: too few examples (train {len(y_train)}, test {len(y_test)})")
+    num_classes = raw.num_classes or int(max(y_train.max(), y_test.max())) + 1
+    if max(y_train.max(), y_test.max()) >= num_classes:
+        raise SpecialistsError(f"{where}: a label is >= the number of classes ({num_classes})")
+
+    if raw.x_train.dtype == np.uint8:
+        x_train, x_test = _to_images(raw.x_train, where), _to_images(raw.x_test, where)
+        is_image = True
+    else:
+        x_train = np.asarray(raw.x_train, np.float32).reshape(len(y_train), -1)
+        x_test = np.asarray(raw.x_test, np.float32).reshape(len(y_test), -1)
+        is_image = False
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise SpecialistsError(f"{where}: train and test inputs differ in shape ({x_train.shape[1:]} vs {x_test.shape[1:]})")
+
+    order = np.arange(len(y_train))
+    if data_cfg.max_train is not None and data_cfg.max_train < len(y_train):
+        # a seeded, class-balanced-in-expectation subsample that keeps the source order
+        rng = np.random.default_rng(data_cfg.split_seed + 1)
+        order = np.sort(rng.choice(len(y_train), data_cfg.max_train, replace=False))
+    tr_idx, va_idx = stratified_split(y_train[order], data_cfg.val_fraction, data_cfg.split_seed)
+    tr_idx, va_idx = order[tr_idx], order[va_idx]
+
+    fine_to_coarse = None
+    if raw.y_train_coarse is not None:
+        yc = _check_labels(raw.y_train_coarse, where + " y_train_coarse")
+        mapping = np.full(num_classes, -1, np.int64)
+        mapping[y_train] = yc
+        if raw.y_test_coarse is not None:
+            mapping[y_test] = _check_labels(raw.y_test_coarse, where + " y_test_coarse")
+        fine_to_coarse = mapping.tolist()
+
+    def split(x, y, idx, coarse):
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        return Split(
+            x=t(x[idx]),
+            y=t(y[idx]),
+            y_coarse=None if coarse is None else t(np.asarray(coarse, np.int64)[idx]),
+            index=t(np.asarray(idx, np.int64)),
+        )
+
+    train = split(x_train, y_train, tr_idx, raw.y_train_coarse)
+    val = split(x_train, y_train, va_idx, raw.y_train_coarse)
+    test = split(x_test, y_test, np.arange(len(y_test)), raw.y_test_coarse)
+
+    # Normalization from the training split only (never from test).
+    if is_image:
+        xf = train.x.float().div_(255)
+        mean = xf.mean(dim=(0, 2, 3)).tolist()
+        std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        del xf
+    else:
+        mean = train.x.mean(0).tolist()
+        std = train.x.std(0).clamp_min(1e-6).tolist()
+
+    augment = data_cfg.augment
+    if augment == "auto":
+        augment = (raw.default_augment or entry.default_augment) if is_image else "none"
+    names = list(raw.class_names) if raw.class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise SpecialistsError(f"{where}: {len(names)} class names for {num_classes} classes")
+    return Dataset(
+        name=data_cfg.name,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=num_classes,
+        class_names=names,
+        input_shape=tuple(x_train.shape[1:]),
+        mean=mean,
+        std=std,
+        augment=augment,
+        crop_padding=data_cfg.crop_padding,
+        coarse_names=list(raw.coarse_names) if raw.coarse_names is not None else None,
+        fine_to_coarse=fine_to_coarse,
+    )

@@ -1,0 +1,111 @@
+"""The one training loop every trained stage uses (generalist, specialists, students, controls).
+
+``fit`` runs epochs of (batches -> step -> optimizer), evaluates after each epoch, and
+checkpoints the whole training state atomically to ``state_path``. Rerunning resumes after the
+last completed epoch; because every epoch's randomness comes from generators seeded by
+``(seed, epoch)``, a resumed run on the CPU ends with the same weights as an uninterrupted one.
+
+The loss is summed on the device and read once per epoch: ``float(loss)`` every step would
+make the host wait for the GPU at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.optim import lr_factor, make_optimizer
+from ..data import Batcher
+from ..device import autocast
+from ..rundir.io import load_state, save_state
+
+log = logging.getLogger("specialists")
+
+# (model, epoch, step, batch) -> (loss tensor, info dict of per-step counts summed per epoch)
+Step = Callable[[nn.Module, int, int, tuple], tuple]
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, batcher: Batcher, batch_size: int = 1024) -> torch.Tensor:
+    """Logits (N, classes) float32 on the CPU for ``batcher``'s whole split, in order, un-augmented."""
+    model.eval()
+    out = []
+    for x, _ in batcher.iterate(batch_size):
+        with autocast(batcher.device):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def fit(
+    model: nn.Module,
+    tcfg,
+    *,
+    device: torch.device,
+    state_path,
+    batches: Callable[[int], Iterable[tuple]],
+    steps_per_epoch: int,
+    step: Step,
+    evaluate: Optional[Callable[[nn.Module], dict]] = None,
+    seed: int = 0,
+    desc: str = "train",
+) -> list[dict]:
+    """Train ``tcfg.epochs`` epochs (a ``TrainConfig`` section), resuming from ``state_path``
+    when it exists.
+
+    ``batches(epoch)`` yields the epoch's batches (already on ``device``); ``step`` returns the
+    loss tensor and a dict of per-step info (e.g. which phase ran) that is summed per epoch.
+    Returns the per-epoch history (train loss, info counts, evaluation metrics, seconds).
+    """
+    opt = make_optimizer(model, tcfg.optimizer, tcfg.lr, momentum=tcfg.momentum, nesterov=tcfg.nesterov,
+                         weight_decay=tcfg.weight_decay)
+    total = tcfg.epochs * steps_per_epoch
+    warmup = int(tcfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, tcfg.schedule, warmup))
+    history: list[dict] = []
+    start = 0
+    if state_path is not None and state_path.exists():
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"]
+        if start:
+            log.info("%s: resuming after epoch %d/%d", desc, start, tcfg.epochs)
+    for epoch in range(start, tcfg.epochs):
+        torch.manual_seed(seed * 7919 + epoch)  # dropout etc.: same draws when resumed
+        model.train()
+        t0 = time.perf_counter()
+        # float64 on the device: the same sums as adding the float32 losses on the host
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_steps, info_sum = 0, {}
+        bar = tqdm(batches(epoch), total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{tcfg.epochs}",
+                   leave=False, dynamic_ncols=True, disable=None)
+        for i, batch in enumerate(bar):
+            with autocast(device):
+                loss, info = step(model, epoch, i, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            n_steps += 1
+            for k, v in info.items():
+                info_sum[k] = info_sum.get(k, 0) + v
+        record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, n_steps), "steps": n_steps, **info_sum}
+        if evaluate is not None:
+            record.update(evaluate(model))
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
+        log.info("%s epoch %d/%d %s (%.1fs)", desc, epoch + 1, tcfg.epochs, shown, record["seconds"])
+        if state_path is not None:
+            save_state(state_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": history, "epoch": epoch + 1,
+            })
+    return history

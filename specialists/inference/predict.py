@@ -1,0 +1,178 @@
+"""``specialists predict RUN_DIR FILE [FILE ...]``: classify image files and ``.npy`` arrays.
+
+Every file is answered on its own: a file that cannot be read, is not an image, or has the
+wrong shape gets one ``error: FILE: reason`` line on stderr and the other files are still
+answered. The exit status is 0 when every file was answered, 1 otherwise (a bad run
+directory is a :class:`SpecialistsError`, which the CLI turns into status 2).
+
+Inputs, for a run on images of shape (C, H, W):
+
+- image files PIL reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), converted to the run's
+  channels (RGB or L) and resized (bilinear) to H x W when they differ, with a note;
+- ``.npy`` arrays (loaded with ``allow_pickle=False``) in the data set's raw units (0..255 for
+  images): one example (H, W, C), (C, H, W), or (H, W) for one channel, or a batch (N, ...)
+  of them; for a run on vectors of D features, (D,) or (N, D).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SpecialistsError, one_line
+from .ensemble import SpecialistEnsemble
+from .predictor import SingleModel, Student
+
+MODELS = ("ensemble", "student", "generalist")
+
+
+class FileError(Exception):
+    """One file could not be answered (reported as one line; the others go on)."""
+
+
+def load_predictor(run_dir, model: str = "ensemble", device: str = "auto"):
+    """The run's ensemble, student or generalist (raises SpecialistsError for a bad run)."""
+    if model == "ensemble":
+        return SpecialistEnsemble.from_run(run_dir, device=device)
+    if model == "student":
+        return Student.from_run(run_dir, device=device)
+    if model == "generalist":
+        return SingleModel.generalist_from_run(run_dir, device=device)
+    raise SpecialistsError(f"--model must be one of {', '.join(MODELS)}, got '{model}'")
+
+
+def _read_image(path: Path, input_shape: tuple) -> tuple[np.ndarray, list[str]]:
+    """An image file -> uint8 (1, H, W, C) at the run's size and channels, and notes."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(input_shape) != 3:
+        raise FileError(f"this run classifies vectors of {input_shape[0]} features; give a .npy array")
+    c, h, w = input_shape
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = "RGB" if c == 3 else "L"
+            img = im.convert(mode) if im.mode != mode else im.copy()
+    except UnidentifiedImageError:
+        raise FileError("not an image PIL can read, nor a .npy array") from None
+    except (OSError, ValueError) as exc:  # truncated or corrupt image data
+        raise FileError(f"unreadable image ({one_line(exc)})") from None
+    notes = []
+    if img.size != (w, h):
+        notes.append(f"resized from {img.size[0]}x{img.size[1]} to {w}x{h} (the run's input size)")
+        img = img.resize((w, h), Image.BILINEAR)
+    a = np.array(img, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
+    return (a[None, :, :, None] if a.ndim == 2 else a[None]), notes
+
+
+def _read_npy(path: Path, input_shape: tuple) -> np.ndarray:
+    """A ``.npy`` array -> a batch (N, ...) of raw inputs in a shape the predictor takes."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # object arrays (would need pickle), or not a .npy file
+        raise FileError(f"not a readable .npy array ({one_line(exc)})") from None
+    except OSError as exc:
+        raise FileError(f"unreadable ({one_line(exc)})") from None
+    if not isinstance(a, np.ndarray) or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise FileError(f"expected a numeric array, got dtype {getattr(a, 'dtype', type(a).__name__)}")
+    if a.size and not np.isfinite(a).all():
+        raise FileError("the array holds NaN or infinite values")
+    if len(input_shape) == 3:
+        c, h, w = input_shape
+        single = {(h, w, c), (c, h, w)} | ({(h, w)} if c == 1 else set())
+        if a.shape in single:
+            a = a[None]
+        elif a.ndim == 3 and c == 1 and a.shape[1:] == (h, w):
+            a = a[:, None]  # a batch of single-channel (H, W) images
+        if a.ndim != 4 or a.shape[1:] not in ((h, w, c), (c, h, w)):
+            raise FileError(f"shape {a.shape} is not an image of shape ({h}, {w}, {c}) or ({c}, {h}, {w}), "
+                            "nor a batch of them")
+    else:
+        (d,) = input_shape
+        if a.ndim == 1:
+            a = a[None]
+        if a.ndim != 2 or a.shape[1] != d:
+            raise FileError(f"shape {a.shape} is not a vector of {d} features, nor a batch (N, {d})")
+    if len(a) == 0:
+        raise FileError("the array holds no examples")
+    return a
+
+
+def read_inputs(path, input_shape: tuple) -> tuple[np.ndarray, list[str]]:
+    """One file -> (raw batch (N, ...), notes). Raises FileError with a one-line reason."""
+    path = Path(path)
+    if not path.exists():
+        raise FileError("no such file")
+    if path.is_dir():
+        raise FileError("is a folder, not a file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if path.suffix.lower() == ".npy" or magic == b"\x93NUMPY":
+        return _read_npy(path, input_shape), []
+    return _read_image(path, input_shape)
+
+
+def _top_lines(probs: list[tuple[int, str, float]]) -> list[str]:
+    return [f"  {i + 1}. {name} (class {c}): {p:.4f}" for i, (c, name, p) in enumerate(probs)]
+
+
+def describe(predictor, x: np.ndarray, top_k: int) -> list[list[str]]:
+    """Per example of the raw batch ``x``: the lines that answer it (top-k classes with names
+    and probabilities; for the ensemble, which specialists spoke)."""
+    k = max(1, min(top_k, predictor.num_classes))
+    if len(x) > predictor.batch_size:  # a large .npy batch: answer it in chunks
+        return [a for i in range(0, len(x), predictor.batch_size)
+                for a in describe(predictor, x[i:i + predictor.batch_size], top_k)]
+    out = []
+    if isinstance(predictor, SpecialistEnsemble):
+        for ex in predictor.explain(x, k=k):
+            lines = _top_lines([(t["class"], t["name"], t["prob"]) for t in ex["ensemble"]])
+            if ex["specialists"]:
+                for s in ex["specialists"]:
+                    best = s["top"][0]
+                    lines.append(f"  specialist {s['id']} spoke (|S|={s['size']}): top {best['name']} {best['prob']:.4f}, "
+                                 f"dustbin {s['dustbin']:.4f}")
+            else:
+                lines.append("  no specialist spoke: the generalist's answer")
+            g = ex["generalist"][0]
+            lines.append(f"  generalist alone: {g['name']} {g['prob']:.4f}")
+            out.append(lines)
+        return out
+    probs = predictor.predict_proba(x).float().cpu()
+    v, i = probs.topk(k, dim=1)
+    names = predictor.class_names
+    for pv, iv in zip(v.tolist(), i.tolist()):
+        out.append(_top_lines([(c, names[c], p) for p, c in zip(pv, iv)]))
+    return out
+
+
+def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, device: str = "auto") -> int:
+    """Answer every file (stdout), one ``error: FILE: reason`` line per bad file (stderr).
+
+    Returns 0 when every file was answered, else 1. A bad run directory raises
+    SpecialistsError (status 2 from the CLI).
+    """
+    if top_k < 1:
+        raise SpecialistsError(f"--top-k must be >= 1, got {top_k}")
+    predictor = load_predictor(run_dir, model, device)  # once, for all files
+    shape = tuple(predictor.input_shape)
+    failed = 0
+    for f in files:
+        try:
+            x, notes = read_inputs(f, shape)
+            with torch.inference_mode():
+                answers = describe(predictor, x, top_k)
+        except (FileError, SpecialistsError) as exc:
+            print(f"error: {f}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        for n in notes:
+            print(f"note: {f}: {n}")
+        for j, lines in enumerate(answers):
+            print(f"{f}:" if len(answers) == 1 else f"{f}[{j}]:")
+            print("\n".join(lines))
+        sys.stdout.flush()
+    return 1 if failed else 0

@@ -1,0 +1,1 @@
+"""Reports: JSON (and .npy) artifacts -> markdown and plots. Never imports a stage."""

@@ -1,0 +1,77 @@
+"""Every report of a run, rendered from the artifacts on disk (JSON, .npy), never from memory.
+
+Each function renders one report and does nothing when its input is not there yet. Which
+reports a stage's results feed is a column of the stage table (``specialists.stages``); the
+pipeline calls them after the stage, so a report is re-rendered exactly when something it
+shows has changed, and no stage renders another stage's report.
+"""
+
+from __future__ import annotations
+
+from ..core.covariance import normalize_columns
+from ..rundir import Run
+from ..rundir.io import read_json, read_npy, write_text
+from . import ablation, evaluation, student
+from .controls import control_rows
+from .plots import plot_ablation, plot_by_coverage, plot_covariance, plot_curves, plot_specialists
+
+MAX_NAMED_CLASSES = 60  # the covariance plot names classes up to this many
+
+
+def curves(run: Run) -> None:
+    """``generalist/curves.png``: loss and accuracy per epoch."""
+    history = read_json(run.generalist.metrics)["history"]
+    plot_curves(history, run.generalist.curves, title=f"generalist ({run.cfg.model.name} on {run.cfg.data.name})")
+
+
+def covariance(run: Run) -> None:
+    """``subsets/covariance.png``: the normalized covariance with the subsets as blocks."""
+    m = read_json(run.subsets_metrics)
+    subsets = [e["classes"] for e in run.load_subsets()]
+    names = run.data_info()["class_names"]
+    points = normalize_columns(read_npy(run.covariance_npy), m["normalize"])
+    plot_covariance(points, subsets, run.covariance_png, class_names=names if len(names) <= MAX_NAMED_CLASSES else None,
+                    title=f"{m['normalize']} of the generalist's probabilities, {len(subsets)} subsets")
+
+
+def evaluation_plots(run: Run) -> None:
+    """``evaluation/by_coverage.png`` (Table 4) and ``evaluation/specialists.png``."""
+    ev = read_json(run.evaluation_json)
+    by_coverage, per_specialist = run.evaluation_plots
+    plot_by_coverage(ev["by_coverage"], by_coverage,
+                     title=f"{ev['num_specialists']} specialists, test split (n={ev['n']})")
+    plot_specialists(ev["per_specialist"], per_specialist)
+
+
+def evaluation_report(run: Run) -> None:
+    """``evaluation/evaluation.md``, with every control trained so far."""
+    if run.evaluation_json.exists():
+        write_text(run.evaluation_md, evaluation.render_markdown(read_json(run.evaluation_json), control_rows(run)))
+
+
+def ablation_plot(run: Run) -> None:
+    """``ablation/ablation.png``."""
+    plot_ablation(read_json(run.ablation_json), run.ablation_png)
+
+
+def ablation_report(run: Run) -> None:
+    """``ablation/ablation.md``, with every control trained so far."""
+    if run.ablation_json.exists():
+        write_text(run.ablation_md, ablation.render_markdown(read_json(run.ablation_json), control_rows(run)))
+
+
+def student_report(run: Run) -> None:
+    """``student/student.md``."""
+    write_text(run.student_md, student.render_markdown(read_json(run.student.metrics)))
+
+
+def run_summary(run: Run) -> str:
+    """What ``specialists run`` prints last: the evaluation table with the controls, and where
+    every report and plot of the run is."""
+    if not run.evaluation_json.exists():
+        return f"no evaluation in {run.dir} yet"
+    ev = read_json(run.evaluation_json)
+    shown = set(ev.get("plots", []))
+    reports = sorted(str(p) for p in run.dir.glob("*/*") if p.suffix in (".md", ".png") and run.rel(p) not in shown)
+    return "\n".join([evaluation.print_summary(ev, run.dir, control_rows(run)), "", "Reports:"]
+                     + [f"  {p}" for p in reports])

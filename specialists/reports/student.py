@@ -1,0 +1,78 @@
+"""``student.md`` from ``student/metrics.json``: the student beside its controls, and one
+honest sentence on what the specialists added beyond distillation alone."""
+
+from __future__ import annotations
+
+from .format import seconds
+
+
+def gain_sentence(result: dict) -> str:
+    """One honest sentence on what the specialists added beyond the born-again student."""
+    c = result["comparisons"]
+    gain = result.get("gain_over_born_again")
+    if gain is None:
+        if result["teacher"] != "ensemble":
+            return (f"This student was distilled from the {result['teacher']} teacher, so it does not measure what the "
+                    f"specialists add; run with student.teacher=ensemble and student.controls=true for that.")
+        return ("The born-again control was not trained (student.controls=false), so what the specialists add "
+                "beyond distillation alone is not measured here.")
+    pts = gain["points"]
+    ci = gain.get("ci95_points")
+    ci_txt = f" (95% paired-bootstrap interval [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " ("
+    ci_txt += f"{', ' if ci else ''}{gain['test_examples']} test examples)"
+    if ci and ci[0] <= 0 <= ci[1]:
+        verdict = "a difference this test set cannot tell from zero"
+    elif pts > 0:
+        verdict = "a gain the specialists bring beyond distillation alone"
+    else:
+        verdict = "so the specialists added nothing beyond distillation alone; the born-again student did better"
+    ens_gain = 100 * (c["ensemble"]["test_top1"] - c["generalist"]["test_top1"])
+    return (f"Distilling the routed ensemble instead of the generalist alone changed the student's test top-1 by "
+            f"{pts:+.2f} points{ci_txt}, {verdict}; the routed ensemble itself is {ens_gain:+.2f} points over the "
+            f"generalist" + (f" and the two-generalist average {100 * (c['two_generalists']['test_top1'] - c['generalist']['test_top1']):+.2f}."
+                             if "two_generalists" in c else "."))
+
+
+def render_markdown(result: dict) -> str:
+    c = result["comparisons"]
+    g = c["generalist"]["test_top1"]
+    g_t = c["generalist"].get("seconds_per_example")
+    lines = ["# Student: the ensemble distilled into one model", "",
+             f"Teacher: **{result['teacher']}**; T = {result['temperature']}, alpha = {result['alpha']}, "
+             f"loss {result['loss']}; student model `{result['model'].get('name')}`, {result['epochs']} epochs. "
+             f"Inference time per example: median of {result['timing_repeats']} interleaved passes over {result['timing_examples']} test examples.", "",
+             "| model | test top-1 | change vs generalist | inference time / example | x generalist |",
+             "|---|---:|---:|---:|---:|"]
+    for key in ("generalist", "ensemble", "student", "born_again", "two_generalists"):
+        if key not in c:
+            continue
+        r = c[key]
+        t = r.get("seconds_per_example")
+        rel = f"{t / g_t:.2f}x" if t and g_t else "-"
+        lines.append(f"| {r['name']} | {r['test_top1']:.4f} | {r['test_top1'] - g:+.4f} | {seconds(t)} | {rel} |")
+    agree = result.get("agreement_with_teacher")
+    lines += ["", gain_sentence(result), ""]
+    if agree is not None:
+        lines += [f"The student agrees with its teacher's top-1 on {agree:.1%} of the test examples "
+                  f"(with the routed ensemble on {result['agreement_with_ensemble']:.1%}).", ""]
+    if result.get("train_time_ratio_vs_generalist"):
+        lines += [f"Training: {result['train_seconds_per_epoch']:.2f} s per student epoch, "
+                  f"{result['train_time_ratio_vs_generalist']:.2f}x the generalist's "
+                  f"({result['generalist_train_seconds_per_epoch']:.2f} s, {result.get('generalist_epoch_time_source')}; "
+                  f"both including the per-epoch evaluation). `benchmarks/student_cost.py` measures this ratio "
+                  f"without evaluation, on one machine in one process.", ""]
+    return "\n".join(lines)
+
+
+def control_rows(result: dict) -> list[dict]:
+    """The student stage's rows ``{"name", "test_top1", "note"}`` for the controls table
+    (``result``: ``student/metrics.json``)."""
+    c = result["comparisons"]
+    rows = []
+    t = seconds(c["student"].get("seconds_per_example"))
+    for key, note in (("student", f"one model distilled from the {result['teacher']} teacher ({t} per example)"),
+                      ("born_again", "same student, same steps, taught by the generalist alone"),
+                      ("two_generalists", "a second generalist (seed + 1) averaged with the first")):
+        if key in c:
+            rows.append({"name": c[key]["name"], "test_top1": c[key]["test_top1"], "note": note})
+    return rows

@@ -1,0 +1,429 @@
+"""Typed configuration: omegaconf structured configs, YAML files and ``key=value`` overrides.
+
+``load_config(path, overrides)`` merges, in order: the dataclass defaults, the YAML file (which
+may name a ``base:`` YAML of its own, resolved relative to it), then the command-line
+overrides. Every entry point calls it, so the whole config (all sections, used or not) is
+validated before any work starts: unknown keys, wrong types and impossible values stop with
+one :class:`ConfigError` line that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..core.combine import ROUTINGS, SOLVERS
+from ..core.covariance import NORMALIZATIONS
+from ..core.heads import DUSTBIN_CORRECTIONS, PHASE_UNITS, PHASES
+from ..core.kmeans import METHODS
+from ..core.losses import LOSS_KINDS
+from ..core.optim import OPTIMIZERS, SCHEDULES
+from ..core.scoring import ABLATION_ORDERS
+from ..core.subsets import MODES
+from ..data import AUGMENTATIONS, DATASETS, HELD_IN_SPLITS
+from ..data.synthetic import VARIANTS
+from ..device import DEVICES
+from ..errors import ConfigError, one_line
+from ..models import MODELS
+
+# The one config choice implemented above this layer (by the student stage's teachers).
+TEACHERS = ("ensemble", "generalist", "probs")
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # a key of specialists.data.DATASETS
+    path: Optional[str] = None  # file or folder for npz / imagefolder / torchvision data
+    download: bool = False  # torchvision data sets only, and only when asked
+    val_fraction: float = 0.1  # share of each class's training examples held out (seeded)
+    split_seed: int = 0
+    augment: str = "auto"  # auto | none | crop | flip | crop_flip
+    crop_padding: int = 4  # pixels of padding for random crops
+    max_train: Optional[int] = None  # keep at most this many training examples (quick runs)
+    # synthetic hierarchy
+    num_super: int = 5
+    classes_per_super: int = 4
+    train_per_class: int = 200
+    test_per_class: int = 100
+    image_size: int = 16  # synthetic images are 3 x image_size x image_size
+    variant: str = "image"  # image | vector (synthetic)
+    difficulty: float = 1.0  # >1 makes classes inside a superclass harder to tell apart
+    # torchvision / imagefolder specifics
+    emnist_split: str = "balanced"
+    resize: Optional[int] = None  # imagefolder: resize images to resize x resize
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"  # a key of specialists.models.MODELS
+    width: Optional[int] = None  # base channels (cnn 32, resnet 64, resnet8 32) or hidden units (mlp 256); None = the model's default
+    depth: int = 2  # hidden layers (mlp)
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings shared by every trained stage."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | onecycle | constant
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class GeneralistConfig(TrainConfig):
+    pass
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 4.0
+    alpha: float = 0.5  # weight of the soft loss; (1 - alpha) on the hard labels
+    loss: str = "kl"  # kl | mse_logits | mse_probs
+
+
+@dataclass
+class SubsetsConfig:
+    num_specialists: int = 5  # clusters asked for
+    mode: str = "partition"  # partition | nearest
+    classes_per_specialist: Optional[int] = None  # nearest mode: size of every subset
+    split: str = "val"  # val | train: the held-in split the generalist is run on
+    normalize: str = "correlation"  # correlation | raw
+    method: str = "faiss"  # faiss | minibatch (online k-means)
+    niter: int = 50
+    min_size: int = 2
+    max_size: Optional[int] = None
+    leave_unwanted: bool = True  # classes no cluster keeps stay with the generalist
+
+
+@dataclass
+class SpecialistsConfig(TrainConfig):
+    epochs: int = 4
+    lr: float = 0.01
+    schedule: str = "cosine"
+    phases: str = "alternate"  # alternate | hard | soft
+    phase_unit: str = "epoch"  # epoch | steps
+    phase_steps: int = 50  # length of one phase when phase_unit=steps
+    soft_share: float = 0.5  # share of phases that are soft
+    soft_alpha: float = 0.5  # soft phases: alpha * soft + (1 - alpha) * hard
+    subset_fraction: float = 0.5  # share of each batch drawn from the subset's classes
+    dustbin_correction: str = "calibrated"  # calibrated | analytic | none
+
+
+@dataclass
+class CombineConfig:
+    solver: str = "em"  # em | closed_form | gradient
+    top_n: int = 1  # route to specialists holding any of the generalist's top-n classes
+    routing: str = "routed"  # routed | all
+    max_iter: int = 200
+    tol: float = 1e-6
+
+
+@dataclass
+class EvaluateConfig:
+    bootstrap: int = 2000  # paired-bootstrap resamples for the 95% interval
+    ece_bins: int = 15
+    timing_batches: int = 5
+
+
+@dataclass
+class AblateConfig:
+    counts: List[int] = field(default_factory=list)  # re-clustering ablation sizes
+    order: str = "confusion"  # size | confusion | random
+    seed: int = 0
+    control: bool = True  # fine-tune the generalist for the specialists' extra steps
+
+
+@dataclass
+class StudentModelConfig:
+    name: Optional[str] = None  # default: the generalist's architecture
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    dropout: Optional[float] = None
+
+
+@dataclass
+class StudentConfig(TrainConfig):
+    enabled: bool = True
+    teacher: str = "ensemble"  # ensemble | generalist | probs
+    teacher_probs: Optional[str] = None  # .npy (N_train, C), for teacher=probs
+    controls: bool = True  # also train the born-again student and a second generalist
+    model: StudentModelConfig = field(default_factory=StudentModelConfig)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generalist: GeneralistConfig = field(default_factory=GeneralistConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    subsets: SubsetsConfig = field(default_factory=SubsetsConfig)
+    specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
+    combine: CombineConfig = field(default_factory=CombineConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+def _schema() -> DictConfig:
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
+    """Read a YAML config, following ``base:`` (a path relative to the file) recursively."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: 'base' loops back to itself")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors
+        raise ConfigError(f"config {path}: not valid YAML ({one_line(exc)})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config {path}: expected a mapping of keys at the top level")
+    base = node.pop("base", None)
+    if base is None:
+        return node
+    parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
+    return OmegaConf.merge(parent, node)
+
+
+def _section_path(type_name: str, cls=None, prefix: str = "") -> Optional[str]:
+    """The dotted key of the config section whose dataclass is named ``type_name``."""
+    for f in dataclasses.fields(cls or Config):
+        sub = f.default_factory
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            if sub.__name__ == type_name:
+                return prefix + f.name
+            found = _section_path(type_name, sub, f"{prefix}{f.name}.")
+            if found:
+                return found
+    return None
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return f"unknown config key '{key}'"
+    if key:
+        return f"config key '{key}': {msg}"
+    # a whole section given a plain value (`data=3`): omegaconf names only the section's class
+    m = re.search(r"is not a subclass of (\w+)", msg)
+    section = _section_path(m.group(1)) if m else None
+    if section:
+        return f"config key '{section}': expected a section of keys, not a value ({msg})"
+    return f"config: {msg}"
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Merge defaults, YAML and ``key=value`` overrides; validate; return a typed ``Config``.
+
+    The returned object is an omegaconf ``DictConfig`` backed by the ``Config`` schema (typed
+    attribute access, ``OmegaConf.to_yaml`` for saving).
+    """
+    cfg = _schema()
+    try:
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """Rebuild a validated config from the YAML saved in a run directory."""
+    try:
+        cfg = OmegaConf.merge(_schema(), OmegaConf.create(text))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _choice(cfg, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value in choices, key, f"'{value}' is not one of {', '.join(map(str, choices))}")
+
+
+def _validate_train(cfg, section: str) -> None:
+    s = OmegaConf.select(cfg, section)
+    _check(s.epochs >= 0, f"{section}.epochs", "must be >= 0")
+    _check(s.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
+    _check(s.eval_batch_size >= 1, f"{section}.eval_batch_size", "must be >= 1")
+    _check(s.lr > 0, f"{section}.lr", "must be > 0")
+    _check(0 <= s.momentum < 1, f"{section}.momentum", "must be in [0, 1)")
+    _check(s.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+    _check(0 <= s.label_smoothing < 1, f"{section}.label_smoothing", "must be in [0, 1)")
+    _check(s.warmup_epochs >= 0, f"{section}.warmup_epochs", "must be >= 0")
+    _choice(cfg, f"{section}.optimizer", OPTIMIZERS)
+    _choice(cfg, f"{section}.schedule", SCHEDULES)
+
+
+def validate(cfg) -> None:
+    """Check every value a typed schema cannot: ranges, names, paths, cross-field rules."""
+    _choice(cfg, "device", DEVICES)
+    _check(bool(cfg.run_dir), "run_dir", "must not be empty")
+
+    d = cfg.data
+    _choice(cfg, "data.name", sorted(DATASETS))
+    _check(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+    _choice(cfg, "data.augment", ("auto", *AUGMENTATIONS))
+    _check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0")
+    _check(d.max_train is None or d.max_train >= 1, "data.max_train", "must be >= 1")
+    _check(d.num_super >= 1, "data.num_super", "must be >= 1")
+    _check(d.classes_per_super >= 1, "data.classes_per_super", "must be >= 1")
+    _check(d.num_super * d.classes_per_super >= 2, "data.classes_per_super", "synthetic data needs >= 2 classes")
+    _check(d.train_per_class >= 2, "data.train_per_class", "must be >= 2")
+    _check(d.test_per_class >= 1, "data.test_per_class", "must be >= 1")
+    _check(d.image_size >= 4, "data.image_size", "must be >= 4")
+    _choice(cfg, "data.variant", VARIANTS)
+    _check(d.difficulty > 0, "data.difficulty", "must be > 0")
+    _check(d.resize is None or d.resize >= 4, "data.resize", "must be >= 4")
+    if DATASETS[d.name].needs_path:
+        _check(d.path is not None, "data.path", f"data set '{d.name}' needs data.path")
+        _check(d.download or Path(d.path).exists(), "data.path", f"'{d.path}' does not exist")
+
+    for key in ("model", "student.model"):
+        name = OmegaConf.select(cfg, f"{key}.name")
+        if name is not None:
+            _choice(cfg, f"{key}.name", sorted(MODELS))
+        width = OmegaConf.select(cfg, f"{key}.width")
+        _check(width is None or width >= 1, f"{key}.width", "must be >= 1")
+        depth = OmegaConf.select(cfg, f"{key}.depth")
+        _check(depth is None or depth >= 0, f"{key}.depth", "must be >= 0")
+        dropout = OmegaConf.select(cfg, f"{key}.dropout")
+        _check(dropout is None or 0 <= dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+
+    for section in ("generalist", "specialists", "student"):
+        _validate_train(cfg, section)
+
+    _check(cfg.distill.temperature > 0, "distill.temperature", "must be > 0")
+    _check(0 <= cfg.distill.alpha <= 1, "distill.alpha", "must be in [0, 1]")
+    _choice(cfg, "distill.loss", LOSS_KINDS)
+
+    s = cfg.subsets
+    _check(s.num_specialists >= 1, "subsets.num_specialists", "must be >= 1")
+    _choice(cfg, "subsets.mode", MODES)
+    _choice(cfg, "subsets.split", HELD_IN_SPLITS)
+    _choice(cfg, "subsets.normalize", NORMALIZATIONS)
+    _choice(cfg, "subsets.method", METHODS)
+    _check(s.niter >= 1, "subsets.niter", "must be >= 1")
+    _check(s.min_size >= 1, "subsets.min_size", "must be >= 1")
+    _check(s.max_size is None or s.max_size >= s.min_size, "subsets.max_size", "must be >= subsets.min_size")
+    if s.mode == "nearest":
+        _check(s.classes_per_specialist is not None, "subsets.classes_per_specialist", "required when subsets.mode=nearest")
+    _check(s.classes_per_specialist is None or s.classes_per_specialist >= 1,
+           "subsets.classes_per_specialist", "must be >= 1")
+    if d.name == "synthetic":  # the only data set whose class count is known without loading it
+        check_class_counts(cfg, d.num_super * d.classes_per_super)
+
+    sp = cfg.specialists
+    _choice(cfg, "specialists.phases", PHASES)
+    _choice(cfg, "specialists.phase_unit", PHASE_UNITS)
+    _check(sp.phase_steps >= 1, "specialists.phase_steps", "must be >= 1")
+    _check(0 <= sp.soft_share <= 1, "specialists.soft_share", "must be in [0, 1]")
+    _check(0 <= sp.soft_alpha <= 1, "specialists.soft_alpha", "must be in [0, 1]")
+    _check(0 < sp.subset_fraction < 1, "specialists.subset_fraction", "must be in (0, 1)")
+    _choice(cfg, "specialists.dustbin_correction", DUSTBIN_CORRECTIONS)
+
+    _choice(cfg, "combine.solver", SOLVERS)
+    _check(cfg.combine.top_n >= 1, "combine.top_n", "must be >= 1")
+    _choice(cfg, "combine.routing", ROUTINGS)
+    _check(cfg.combine.max_iter >= 1, "combine.max_iter", "must be >= 1")
+    _check(cfg.combine.tol > 0, "combine.tol", "must be > 0")
+
+    _check(cfg.evaluate.bootstrap >= 0, "evaluate.bootstrap", "must be >= 0")
+    _check(cfg.evaluate.ece_bins >= 1, "evaluate.ece_bins", "must be >= 1")
+    _check(cfg.evaluate.timing_batches >= 1, "evaluate.timing_batches", "must be >= 1")
+
+    _check(all(c >= 1 for c in cfg.ablate.counts), "ablate.counts", "every count must be >= 1")
+    _choice(cfg, "ablate.order", ABLATION_ORDERS)
+
+    st = cfg.student
+    _choice(cfg, "student.teacher", TEACHERS)
+    if st.teacher == "probs":
+        _check(st.teacher_probs is not None, "student.teacher_probs", "required when student.teacher=probs")
+    if st.teacher_probs is not None:
+        _check(Path(st.teacher_probs).is_file(), "student.teacher_probs", f"'{st.teacher_probs}' does not exist")
+
+
+def check_class_counts(cfg, num_classes: int) -> None:
+    """The subset sizes against the data set's class count: at the config edge where the count
+    is known from the config (synthetic), else by find-subsets once the data is loaded."""
+    s = cfg.subsets
+    _check(s.num_specialists <= num_classes, "subsets.num_specialists",
+           f"{s.num_specialists} specialists but the data set has only {num_classes} classes")
+    _check(s.classes_per_specialist is None or s.classes_per_specialist <= num_classes,
+           "subsets.classes_per_specialist", f"{s.classes_per_specialist} is larger than the {num_classes} "
+           "classes of the data set")
+
+
+def student_model_config(cfg: Config) -> DictConfig:
+    """The student's model section: the generalist's, with the student's non-null fields over it."""
+    merged = OmegaConf.merge(cfg.model, {k: v for k, v in to_dict(cfg.student.model).items() if v is not None})
+    return merged
+
+
+def config_values(cfg, keys) -> dict:
+    """The flat ``{dotted key: value}`` of the named keys and sections (what a stage depends on)."""
+    out: dict = {}
+
+    def flatten(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
+    for key in keys:
+        node = OmegaConf.select(cfg, key)
+        flatten(key, OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node)
+    return out
+
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "SubsetsConfig",
+    "SpecialistsConfig", "CombineConfig", "EvaluateConfig", "AblateConfig", "StudentConfig",
+    "load_config", "config_from_yaml_text", "to_yaml", "to_dict", "validate", "check_class_counts",
+    "config_values", "student_model_config", "MISSING", "TEACHERS",
+]

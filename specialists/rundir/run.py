@@ -1,0 +1,216 @@
+"""A run directory: the one place that spells its layout, and what every stage needs from it.
+
+Layout::
+
+    RUN_DIR/config.yaml  manifest.json  data.json
+    RUN_DIR/generalist/       model.safetensors, state.pt, metrics.json, curves.png
+    RUN_DIR/subsets/          probs.npy, covariance.npy, subsets.json, metrics.json, covariance.png
+    RUN_DIR/specialists/NNN/  model.safetensors, state.pt, metrics.json
+    RUN_DIR/evaluation/       evaluation.json, evaluation.md, by_coverage.png, specialists.png
+    RUN_DIR/ablation/         ablation.json, ablation.md, ablation.png, control/, recluster/MNNN/
+    RUN_DIR/student/          model.safetensors, state.pt, history.json, metrics.json, student.md,
+                              born_again/, second_generalist/
+
+No other module spells a file name of the run directory: they ask a :class:`Run` (or a
+:class:`ModelFiles` it hands out). Paths inside the run directory are relative, so it can be
+moved or copied elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..data import Dataset, build_dataset
+from ..device import resolve_device
+from ..errors import SpecialistsError
+from ..models import Classifier, build_model
+from .config import Config, config_from_yaml_text, to_yaml
+from .io import load_weights, read_json, save_weights, write_json, write_text
+from .manifest import Manifest
+
+# One folder per stage (the stage table in specialists.stages names each stage's folder).
+GENERALIST, SUBSETS, SPECIALISTS, EVALUATION, ABLATION, STUDENT = (
+    "generalist", "subsets", "specialists", "evaluation", "ablation", "student")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The folder of one trained model: final weights, resumable state, metrics."""
+
+    dir: Path
+
+    @property
+    def weights(self) -> Path:  # safetensors; the completion marker of students and controls
+        return self.dir / "model.safetensors"
+
+    @property
+    def state(self) -> Path:  # optimizer, scheduler, epoch: resumes a killed training
+        return self.dir / "state.pt"
+
+    @property
+    def metrics(self) -> Path:  # the completion marker of the generalist and the specialists
+        return self.dir / "metrics.json"
+
+    @property
+    def history(self) -> Path:  # per-epoch records of a student or control
+        return self.dir / "history.json"
+
+    @property
+    def curves(self) -> Path:  # training curves plot
+        return self.dir / "curves.png"
+
+
+class Run:
+    """One run directory opened with one config."""
+
+    def __init__(self, cfg: Config, device: str | None = None):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.device = resolve_device(device or cfg.device)
+        self.manifest = Manifest(self.dir / "manifest.json")
+
+    @classmethod
+    def open(cls, run_dir, device: str | None = None) -> "Run":
+        """Reopen a run from its saved ``config.yaml`` (for inference and reports)."""
+        path = Path(run_dir) / "config.yaml"
+        if not path.is_file():
+            raise SpecialistsError(f"{run_dir} is not a run directory (no config.yaml)")
+        cfg = config_from_yaml_text(path.read_text())
+        cfg.run_dir = str(run_dir)
+        return cls(cfg, device=device or "auto")
+
+    def save_config(self) -> None:
+        write_text(self.dir / "config.yaml", to_yaml(self.cfg))
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the run directory (how reports and the manifest name files)."""
+        return str(Path(path).relative_to(self.dir))
+
+    # --- data --------------------------------------------------------------------------
+    @cached_property
+    def data(self) -> Dataset:
+        ds = build_dataset(self.cfg.data)
+        info = ds.preprocessing()
+        if not self.data_json.exists() or read_json(self.data_json) != info:
+            write_json(self.data_json, info)
+        return ds
+
+    @property
+    def data_json(self) -> Path:
+        return self.dir / "data.json"
+
+    def data_info(self) -> dict:
+        """Input shape, class names, normalization: from data.json, without loading data."""
+        return read_json(self.data_json) if self.data_json.exists() else self.data.preprocessing()
+
+    # --- generalist/ ---------------------------------------------------------------------
+    @property
+    def generalist(self) -> ModelFiles:
+        return ModelFiles(self.dir / GENERALIST)
+
+    # --- subsets/ ------------------------------------------------------------------------
+    @property
+    def probs_npy(self) -> Path:  # (N, C) float32: the generalist on the held-in split
+        return self.dir / SUBSETS / "probs.npy"
+
+    @property
+    def covariance_npy(self) -> Path:  # (C, C) float32
+        return self.dir / SUBSETS / "covariance.npy"
+
+    @property
+    def subsets_json(self) -> Path:
+        return self.dir / SUBSETS / "subsets.json"
+
+    @property
+    def subsets_metrics(self) -> Path:
+        return self.dir / SUBSETS / "metrics.json"
+
+    @property
+    def covariance_png(self) -> Path:
+        return self.dir / SUBSETS / "covariance.png"
+
+    # --- specialists/NNN/ ----------------------------------------------------------------
+    def specialist(self, i: int) -> ModelFiles:
+        return ModelFiles(self.dir / SPECIALISTS / f"{i:03d}")
+
+    @property
+    def specialist_metrics_files(self) -> list[Path]:
+        """Every finished specialist's ``metrics.json``, in id order."""
+        return sorted((self.dir / SPECIALISTS).glob("*/metrics.json"))
+
+    # --- evaluation/ ---------------------------------------------------------------------
+    @property
+    def evaluation_json(self) -> Path:
+        return self.dir / EVALUATION / "evaluation.json"
+
+    @property
+    def evaluation_md(self) -> Path:
+        return self.dir / EVALUATION / "evaluation.md"
+
+    @property
+    def evaluation_plots(self) -> tuple[Path, Path]:  # Table 4 by coverage, per specialist
+        return self.dir / EVALUATION / "by_coverage.png", self.dir / EVALUATION / "specialists.png"
+
+    # --- ablation/ -----------------------------------------------------------------------
+    @property
+    def ablation_json(self) -> Path:
+        return self.dir / ABLATION / "ablation.json"
+
+    @property
+    def ablation_md(self) -> Path:
+        return self.dir / ABLATION / "ablation.md"
+
+    @property
+    def ablation_png(self) -> Path:
+        return self.dir / ABLATION / "ablation.png"
+
+    @property
+    def control(self) -> ModelFiles:  # the compute-matched generalist trained longer
+        return ModelFiles(self.dir / ABLATION / "control")
+
+    def recluster_dir(self, m: int) -> Path:  # the re-clustering sub-run with m specialists
+        return self.dir / ABLATION / "recluster" / f"M{m:03d}"
+
+    # --- student/ ------------------------------------------------------------------------
+    @property
+    def student(self) -> ModelFiles:
+        return ModelFiles(self.dir / STUDENT)
+
+    @property
+    def student_md(self) -> Path:
+        return self.dir / STUDENT / "student.md"
+
+    @property
+    def born_again(self) -> ModelFiles:
+        return ModelFiles(self.dir / STUDENT / "born_again")
+
+    @property
+    def second_generalist(self) -> ModelFiles:
+        return ModelFiles(self.dir / STUDENT / "second_generalist")
+
+    # --- models --------------------------------------------------------------------------
+    def new_model(self, num_classes: int | None = None, model_cfg=None) -> Classifier:
+        info = self.data_info()
+        return build_model(model_cfg or self.cfg.model, num_classes or info["num_classes"], tuple(info["input_shape"]))
+
+    def load_model(self, files: ModelFiles, num_classes: int | None = None, model_cfg=None) -> Classifier:
+        """A trained model of this run on the run's device, in eval mode."""
+        return load_weights(files.weights, self.new_model(num_classes, model_cfg)).to(self.device).eval()
+
+    def load_generalist(self) -> Classifier:
+        if not self.generalist.weights.exists():
+            raise SpecialistsError(f"no trained generalist in {self.dir}: run `specialists train-generalist CONFIG` first")
+        return self.load_model(self.generalist)
+
+    def save_model(self, path: Path, net: torch.nn.Module, **metadata) -> None:
+        save_weights(path, net, metadata)
+
+    def load_subsets(self) -> list[dict]:
+        """``subsets.json``'s entries: ``{"id", "classes", "names", "size", ...}``."""
+        if not self.subsets_json.exists():
+            raise SpecialistsError(f"no subsets in {self.dir}: run `specialists find-subsets CONFIG` first")
+        return read_json(self.subsets_json)["subsets"]

@@ -1,0 +1,74 @@
+"""The stages of the pipeline, and THE stage table: what a stage is, in one place.
+
+A row says everything the rest of the code needs to know about a stage: its key (the name in
+``manifest.json``, and its module here), its command-line verb, its folder in the run
+directory, the stage whose artifacts it consumes, the config keys it depends on (besides its
+upstream's: a change to any of them invalidates it), the function that runs it, and the
+reports rendered after it. The pipeline (:mod:`specialists.stages.pipeline`) and the command
+line (:mod:`specialists.cli`) are built from this table; adding a stage is a module and a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..reports import render
+from ..rundir.run import ABLATION, EVALUATION, GENERALIST, SPECIALISTS, STUDENT, SUBSETS
+from . import ablate, evaluate, generalist, specialists, student, subsets
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str  # manifest key and module name
+    verb: str  # `specialists VERB CONFIG`, and pipelines/VERB.py
+    folder: str  # its folder in the run directory (what --force wipes)
+    upstream: str | None  # the stage whose artifacts it consumes
+    keys: tuple[str, ...]  # config keys it depends on itself (its upstream's are added)
+    run: Callable[..., dict]  # (run, **options) -> result; {"complete": False} leaves it open
+    reports: tuple[Callable, ...]  # rendered (from disk) after it completes
+    help: str
+    options: tuple[str, ...] = ()  # command-line options it takes (passed to ``run``)
+    subrun: bool = False  # whether ``run`` takes ``subrun=``, to run stages in a sub-run
+    enabled: str | None = None  # a boolean config key; ``specialists run`` skips the stage when false
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("generalist", "train-generalist", GENERALIST, None, ("seed", "data", "model", "generalist"),
+          generalist.train, (render.curves,), "train the C-way generalist"),
+    Stage("subsets", "find-subsets", SUBSETS, "generalist", ("subsets",),
+          subsets.find, (render.covariance,), "cluster the covariance of its probabilities into class subsets"),
+    Stage("specialists", "train-specialists", SPECIALISTS, "subsets",
+          ("specialists", "distill.temperature", "distill.loss"),
+          specialists.train, (), "train one specialist per subset", options=("only",)),
+    Stage("evaluate", "evaluate", EVALUATION, "specialists", ("combine", "evaluate"),
+          evaluate.evaluate, (render.evaluation_plots, render.evaluation_report),
+          "generalist vs routed ensemble on the test split"),
+    Stage("ablate", "ablate", ABLATION, "evaluate", ("ablate",),
+          ablate.ablate, (render.ablation_plot, render.ablation_report, render.evaluation_report),
+          "the ablation over the number of specialists, and the compute-matched control", subrun=True),
+    Stage("student", "distill", STUDENT, "evaluate", ("student", "distill"),
+          student.distill, (render.student_report, render.evaluation_report, render.ablation_report),
+          "distil the ensemble into one student, beside the born-again control", enabled="student.enabled"),
+)
+
+BY_KEY = {s.key: s for s in STAGES}
+BY_VERB = {s.verb: s for s in STAGES}
+
+
+def depends(key: str) -> list[str]:
+    """Every config key stage ``key`` depends on: its own and, recursively, its upstream's."""
+    s = BY_KEY[key]
+    return (depends(s.upstream) if s.upstream else []) + list(s.keys)
+
+
+def downstream(key: str) -> list[str]:
+    """``key`` and every stage that consumes its artifacts, in pipeline order."""
+    out = [key]
+    for s in STAGES:
+        if s.upstream in out and s.key not in out:
+            out.append(s.key)
+    return out
+
+
+__all__ = ["BY_KEY", "BY_VERB", "STAGES", "Stage", "depends", "downstream"]

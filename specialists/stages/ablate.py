@@ -1,0 +1,127 @@
+"""The ablate stage: the ablation over the number of specialists, and the compute-matched control.
+
+Three parts, one ``RUN_DIR/ablation/ablation.json``:
+
+- **subset ablation**: the ensemble with only the first k trained specialists (k = 0, 1, 2,
+  4, ..., all), in an order by confusion mass, subset size or a seeded shuffle. Every
+  specialist runs once over the test split; each k only re-combines (cheap, no training). The
+  k = 0 row is the generalist and the k = all row the full evaluation, exactly.
+- **re-clustering ablation**: for each M in ``ablate.counts``, find-subsets, train-specialists
+  and evaluate again with M specialists in the sub-run ``ablation/recluster/MNNN/`` (a run
+  directory of its own that shares the generalist): the full cost of each M.
+- **compute-matched control**: the generalist fine-tuned for as many extra training samples as
+  all specialists consumed, at the specialists' learning rate: do specialists beat simply
+  training longer?
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Sequence
+
+from omegaconf import OmegaConf
+
+from ..core.scoring import ablation_counts, score, specialist_order
+from ..engine.trainers import split_metrics, train_classifier, train_once
+from ..inference import SpecialistEnsemble
+from ..rundir import Run
+from ..rundir.io import read_json, write_json
+
+log = logging.getLogger("specialists")
+
+# (sub-run config, stage keys) -> the sub-run, its stages done; given by the pipeline
+SubRun = Callable[[object, Sequence[str]], Run]
+
+
+def subset_ablation(run: Run) -> dict:
+    ens = SpecialistEnsemble.from_run(run)
+    by_id = {e["id"]: e for e in run.load_subsets()}
+    entries = [by_id[i] for i in ens.ids]
+    test = run.data.test
+    p_g, p_specs, active = ens.components_all(test.x)
+    order = specialist_order(entries, run.cfg.ablate.order, run.cfg.ablate.seed)
+    ev = run.cfg.evaluate
+    samples = {i: int(read_json(run.specialist(i).metrics)["train_samples"]) for i in ens.ids}
+    rows = []
+    for k in ablation_counts(len(entries)):
+        sel = sorted(order[:k])
+        q = ens.combine_all(p_g, p_specs, active, sel)
+        s = score(p_g.cpu(), q.cpu(), test.y, [ens.subsets[m].cpu() for m in sel], active[:, sel].cpu(),
+                  bootstrap=ev.bootstrap, ece_bins=ev.ece_bins, seed=run.cfg.seed)
+        rows.append({
+            "k": k, "ids": [ens.ids[m] for m in sel],
+            "top1": s["ensemble"]["top1"], "top5": s["ensemble"]["top5"],
+            "generalist_top1": s["generalist"]["top1"],
+            "conditional_count": s["conditional"]["count"],
+            "conditional_generalist_top1": s["conditional"]["generalist_top1"],
+            "conditional_ensemble_top1": s["conditional"]["ensemble_top1"],
+            "ci95": s["significance"]["bootstrap"]["ci95"],
+            "train_samples": sum(samples[ens.ids[m]] for m in sel),
+        })
+        log.info("ablation: %d specialists -> top-1 %.4f", k, rows[-1]["top1"])
+    return {"order": run.cfg.ablate.order, "rows": rows}
+
+
+def recluster_ablation(run: Run, subrun: SubRun) -> list[dict]:
+    """find-subsets + train-specialists + evaluate again for each M in ``ablate.counts``."""
+    C = run.data.num_classes
+    results = []
+    for m in run.cfg.ablate.counts:
+        if m > C:
+            log.warning("ablation: skipping %d specialists (the data set has only %d classes)", m, C)
+            continue
+        cfg = copy.deepcopy(run.cfg)
+        cfg.run_dir = str(run.recluster_dir(m))
+        cfg.subsets.num_specialists = m
+        if cfg.subsets.mode == "nearest" and cfg.subsets.classes_per_specialist:
+            cfg.subsets.classes_per_specialist = min(cfg.subsets.classes_per_specialist, C)
+        sub = subrun(cfg, ("subsets", "specialists", "evaluate"))
+        ev = read_json(sub.evaluation_json)
+        sm = read_json(sub.subsets_metrics)
+        results.append({
+            "num_specialists": m, "num_subsets": sm["num_subsets"],
+            "top1": ev["ensemble"]["top1"], "generalist_top1": ev["generalist"]["top1"],
+            "conditional_count": ev["conditional"]["count"],
+            "conditional_generalist_top1": ev["conditional"]["generalist_top1"],
+            "conditional_ensemble_top1": ev["conditional"]["ensemble_top1"],
+            "adjusted_rand_index": sm.get("adjusted_rand_index"),
+            "train_samples": int(sum(read_json(p)["train_samples"] for p in sub.specialist_metrics_files)),
+            "run_dir": run.rel(sub.dir),
+        })
+    return results
+
+
+def compute_matched_control(run: Run, extra_samples: int) -> dict:
+    """Fine-tune the generalist for ``extra_samples`` training samples (rounded to whole
+    epochs, at least one) at the specialists' learning rate and schedule."""
+    files = run.control
+    files.dir.mkdir(parents=True, exist_ok=True)
+    n = len(run.data.train)
+    epochs = max(1, round(extra_samples / n))
+    tcfg = OmegaConf.merge(run.cfg.specialists, {"epochs": epochs})
+    model = run.load_generalist()
+    history = train_once(files, model,
+                         lambda: train_classifier(run, model, tcfg, files.state, seed=run.cfg.seed + 101,
+                                                  desc="control (generalist trained longer)", eval_splits=(),
+                                                  epoch_offset=run.cfg.generalist.epochs),
+                         lambda: run.save_model(files.weights, model))
+    m = split_metrics(run, model, ("test",), run.cfg.generalist.eval_batch_size)
+    result = {"epochs": epochs, "train_samples": epochs * n, "specialist_samples": int(extra_samples),
+              "lr": tcfg.lr, "test_top1": m["test_top1"], "test_top5": m["test_top5"], "test_nll": m["test_nll"],
+              "history": history}
+    write_json(files.metrics, result)
+    return result
+
+
+def ablate(run: Run, subrun: SubRun) -> dict:
+    """`specialists ablate`: writes ``ablation/ablation.json`` (and the sub-runs and the control)."""
+    gen = read_json(run.generalist.metrics)
+    result = {"generalist": {"test_top1": gen["test_top1"]}, "subset_ablation": subset_ablation(run),
+              "recluster": recluster_ablation(run, subrun)}
+    if run.cfg.ablate.control:
+        extra = result["subset_ablation"]["rows"][-1]["train_samples"]
+        result["control"] = compute_matched_control(run, extra)
+        log.info("ablation: control (generalist trained longer) test top-1 %.4f", result["control"]["test_top1"])
+    write_json(run.ablation_json, result)
+    return result

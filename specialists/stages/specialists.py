@@ -1,0 +1,134 @@
+"""The train-specialists stage: one specialist per class subset S, initialized from the generalist.
+
+A specialist is the generalist's architecture with a head of ``|S| + 1`` outputs (the dustbin
+last, :func:`~specialists.core.heads.make_specialist`), trained on half-subset batches
+(:class:`~specialists.data.MixedBatches`) with hard-label and soft phases
+(:class:`~specialists.engine.steps.SpecialistPhases`); afterwards its dustbin logit is
+shifted to undo the oversampling of S (``specialists.dustbin_correction``).
+
+Each specialist is an independent job: :func:`train_one` needs only the generalist, the subset
+and the data, writes only into ``RUN_DIR/specialists/NNN/``, and its ``metrics.json`` (written
+last) is its completion marker, so many jobs can share a run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..core.heads import add_dustbin_shift, analytic_shift, fit_dustbin_shift, local_labels, make_specialist
+from ..data import Batcher, MixedBatches, seeded_batches
+from ..device import prepare_model
+from ..engine.fit import fit, predict_logits
+from ..engine.steps import SpecialistPhases
+from ..errors import SpecialistsError
+from ..models import Classifier
+from ..rundir import Run
+from ..rundir.io import write_json
+
+log = logging.getLogger("specialists")
+
+FEATURE_EXAMPLES = 2048  # training examples whose generalist features fit the dustbin row
+
+
+def _features(model: Classifier, batcher: Batcher, n: int) -> torch.Tensor:
+    """Generalist features (n, F) of the first ``n`` training examples (un-augmented)."""
+    model.eval()
+    with torch.inference_mode():
+        x, _ = batcher.batch(torch.arange(min(n, batcher.n)))
+        return model.features(x).float()
+
+
+def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> dict:
+    """Train specialist ``sid`` on ``subset``; writes ``specialists/NNN/``. Resumable."""
+    cfg, ds, device = run.cfg, run.data, run.device
+    scfg = cfg.specialists
+    files = run.specialist(sid)
+    files.dir.mkdir(parents=True, exist_ok=True)
+    S = torch.tensor(sorted(subset), dtype=torch.long)
+    C = ds.num_classes
+    train = Batcher(ds, ds.train, device)
+    mix = MixedBatches(ds.train.y, S, C, scfg.batch_size, scfg.subset_fraction)
+    spec = make_specialist(generalist, S.to(device), _features(generalist, train, FEATURE_EXAMPLES))
+    spec = prepare_model(spec, device, ds.is_image)
+    seed = cfg.seed * 1000 + 17 + sid
+    step = SpecialistPhases(generalist, S.to(device), C, scfg, mix.steps, cfg.distill.temperature, cfg.distill.loss)
+    history = fit(spec, scfg, device=device, state_path=files.state, batches=seeded_batches(train, mix, seed=seed),
+                  steps_per_epoch=mix.steps, step=step, seed=seed, desc=f"specialist {sid:03d} (|S|={len(S)})")
+
+    # --- dustbin correction (undo the oversampling of S) --------------------------------
+    f = len(mix.pos) / len(ds.train)
+    s = mix.n_pos / (mix.n_pos + mix.n_neg) if mix.n_neg else f
+    val_logits = predict_logits(spec, Batcher(ds, ds.val, device), scfg.eval_batch_size)
+    val_local = local_labels(ds.val.y, S, C)
+    shift = {"analytic": analytic_shift(s, f) if mix.n_neg else 0.0,
+             "calibrated": fit_dustbin_shift(val_logits, val_local) if len(val_local) else 0.0,
+             "none": 0.0}[scfg.dustbin_correction]
+    add_dustbin_shift(spec, shift)
+
+    metrics = specialist_metrics(run, spec, generalist, S)
+    result = {
+        "id": sid, "classes": S.tolist(), "size": len(S),
+        "train_examples_in_subset": len(mix.pos), "natural_share": f, "training_share": s,
+        "dustbin_correction": scfg.dustbin_correction, "dustbin_shift": shift,
+        "phases": scfg.phases,
+        "hard_steps": sum(h.get("hard_steps", 0) for h in history),
+        "soft_steps": sum(h.get("soft_steps", 0) for h in history),
+        "steps": sum(h["steps"] for h in history),
+        "train_samples": len(history) * mix.samples_per_epoch,  # consumed samples, for the compute-matched control
+        "seconds": sum(h["seconds"] for h in history),
+        **metrics, "history": history,
+    }
+    run.save_model(files.weights, spec, classes=S.tolist())
+    write_json(files.metrics, result)  # written last: the completion marker
+    log.info("specialist %03d: subset test top-1 %.4f (generalist %.4f), dustbin shift %+.3f",
+             sid, metrics["subset_top1"], metrics["generalist_subset_top1"], shift)
+    return result
+
+
+@torch.inference_mode()
+def specialist_metrics(run: Run, spec: Classifier, generalist: Classifier, S: torch.Tensor) -> dict:
+    """On the test split: accuracy on S's examples restricted to S's classes (specialist vs
+    generalist), and dustbin precision / recall."""
+    ds, device = run.data, run.device
+    bs = run.cfg.specialists.eval_batch_size
+    test = Batcher(ds, ds.test, device)
+    z_s = predict_logits(spec, test, bs)
+    z_g = predict_logits(generalist, test, bs)
+    y = ds.test.y
+    local = local_labels(y, S, ds.num_classes)
+    in_s = local < len(S)
+    n = int(in_s.sum())
+    spec_acc = float((z_s[in_s, :-1].argmax(1) == local[in_s]).float().mean()) if n else float("nan")
+    gen_acc = float((z_g[in_s][:, S].argmax(1) == local[in_s]).float().mean()) if n else float("nan")
+    pred_dust = z_s.argmax(1) == len(S)
+    tp = int((pred_dust & ~in_s).sum())
+    return {
+        "test_examples_in_subset": n,
+        "subset_top1": spec_acc,
+        "generalist_subset_top1": gen_acc,
+        "dustbin_precision": tp / max(1, int(pred_dust.sum())),
+        "dustbin_recall": tp / max(1, int((~in_s).sum())),
+    }
+
+
+def train(run: Run, only: list[int] | None = None) -> dict:
+    """`specialists train-specialists`: every subset's specialist (or those in ``only``),
+    skipping finished ones. Complete (``"complete": True``) when every subset has its
+    ``metrics.json``."""
+    subsets = run.load_subsets()
+    ids = [s["id"] for s in subsets]
+    if only is not None:
+        unknown = sorted(set(only) - set(ids))
+        if unknown:
+            raise SpecialistsError(f"--only names specialist(s) {unknown} but the run has ids {ids[0]}..{ids[-1]}")
+    todo = [s for s in subsets if only is None or s["id"] in only]
+    generalist = run.load_generalist()
+    for s in todo:
+        if run.specialist(s["id"]).metrics.exists():
+            log.info("specialist %03d: already trained, skipping", s["id"])
+            continue
+        train_one(run, s["id"], s["classes"], generalist)
+    done = [i for i in ids if run.specialist(i).metrics.exists()]
+    return {"complete": len(done) == len(ids), "trained": done}

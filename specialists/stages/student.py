@@ -1,0 +1,231 @@
+"""The student stage (`specialists distill`): the ensemble distilled into one model, and its controls.
+
+The routed ensemble serves at ``1 + |A|`` forward passes per example; a student trained to
+match it serves at one. The student trains from scratch with the KD loss
+``alpha * T^2 KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) CE`` (or the MSE variants of
+``distill.loss``) toward one of three teachers (``student.teacher``,
+:mod:`specialists.engine.teachers`): the routed ``ensemble`` on the very augmented batch the
+student sees (default), the ``generalist`` alone, or a black-box table of ``probs``
+(``student.teacher_probs``, validated before anything is trained).
+
+Controls (``student.controls`` with the ensemble teacher), each resumable and skipped when its
+model exists: the born-again student (same student, same steps, same seed, same batches) in
+``student/born_again/``, and a second generalist from seed ``seed + 1`` in
+``student/second_generalist/`` whose test probabilities, averaged with the first generalist's,
+are the two-generalist ensemble.
+
+Writes ``student/model.safetensors`` (loadable by :class:`~specialists.inference.Student`) and
+``student/metrics.json`` (test top-1/top-5/NLL, teacher, agreement with the teacher, train
+seconds per epoch, inference seconds per example, ``control`` and ``comparisons``).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+import numpy as np
+import torch
+
+from ..core import metrics
+from ..data.teacher_table import file_sha256, load_teacher_probs, source_train_size
+from ..device import prepare_model
+from ..engine.teachers import EnsembleTeacher, GeneralistTeacher, ProbsTeacher
+from ..engine.timing import REPEATS, seconds_per_example, timing_rows
+from ..engine.trainers import split_metrics, split_probs, train_classifier, train_once, train_student
+from ..errors import SpecialistsError
+from ..inference import SingleModel, SpecialistEnsemble
+from ..rundir import Run, to_dict
+from ..rundir.config import student_model_config
+from ..rundir.io import read_json, write_json
+
+log = logging.getLogger("specialists")
+
+
+def new_student(run: Run, seed: int) -> torch.nn.Module:
+    """A freshly initialized student (seeded: the student and its born-again twin start equal)."""
+    torch.manual_seed(seed)
+    return run.new_model(run.data.num_classes, student_model_config(run.cfg))
+
+
+def _median_epoch_seconds(history: list[dict]) -> float | None:
+    secs = [h["seconds"] for h in history if "seconds" in h]
+    return float(statistics.median(secs)) if secs else None
+
+
+def _test_probs(run: Run, model) -> torch.Tensor:
+    return split_probs(run, model, "test", run.cfg.student.eval_batch_size)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def _evaluation_top1(run: Run) -> dict:
+    """``generalist.top1`` / ``ensemble.top1`` from the evaluate stage's report, if there is one."""
+    if not run.evaluation_json.exists():
+        return {}
+    try:
+        ev = read_json(run.evaluation_json)
+        return {"generalist": float(ev["generalist"]["top1"]), "ensemble": float(ev["ensemble"]["top1"])}
+    except (SpecialistsError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def _probs_teacher(run: Run) -> tuple[ProbsTeacher, dict]:
+    ds, st = run.data, run.cfg.student
+    n, exact = source_train_size(ds)
+    table = load_teacher_probs(st.teacher_probs, n, ds.num_classes, exact)
+    rows = np.asarray(table[ds.train.index.numpy()], dtype=np.float32)
+    rows = torch.from_numpy(rows / rows.sum(1, keepdims=True)).to(run.device)  # exact simplex after the 1e-3 check
+    info = {"path": str(st.teacher_probs), "shape": list(table.shape), "sha256": file_sha256(st.teacher_probs)}
+    return ProbsTeacher(rows), info
+
+
+def distill(run: Run) -> dict:
+    """`specialists distill`: train the student and its controls; writes ``student/metrics.json``."""
+    cfg, ds, device = run.cfg, run.data, run.device
+    st = cfg.student
+    probs_info = None
+    if st.teacher == "probs":  # validate the table before anything is built or written
+        probs_teacher, probs_info = _probs_teacher(run)
+    files = run.student
+    files.dir.mkdir(parents=True, exist_ok=True)
+    generalist = run.load_generalist()
+    ens = SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size)
+    teacher = {"ensemble": lambda: EnsembleTeacher(ens), "generalist": lambda: GeneralistTeacher(generalist, device),
+               "probs": lambda: probs_teacher}[st.teacher]()
+    seed = cfg.seed
+    model_cfg = to_dict(student_model_config(cfg))
+
+    # --- the student -------------------------------------------------------------------
+    student = new_student(run, seed)
+    history = train_once(files, student,
+                         lambda: train_student(run, student, teacher, files.state, seed=seed,
+                                               desc=f"student (teacher: {teacher.name})"),
+                         lambda: run.save_model(files.weights, student, model=model_cfg,
+                                                num_classes=ds.num_classes, teacher=teacher.name))
+    student = prepare_model(student, device, ds.is_image).eval()
+
+    # --- the controls ------------------------------------------------------------------
+    born_again = second = None
+    ba_history = sg_history = None
+    if st.controls and st.teacher == "ensemble":
+        ba = run.born_again
+        ba.dir.mkdir(parents=True, exist_ok=True)
+        born_again = new_student(run, seed)
+        ba_teacher = GeneralistTeacher(generalist, device)
+        ba_history = train_once(ba, born_again,
+                                lambda: train_student(run, born_again, ba_teacher, ba.state, seed=seed,
+                                                      desc="born-again student (teacher: generalist)"),
+                                lambda: run.save_model(ba.weights, born_again, model=model_cfg,
+                                                       num_classes=ds.num_classes, teacher="generalist"))
+        born_again = prepare_model(born_again, device, ds.is_image).eval()
+        sg = run.second_generalist
+        sg.dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed + 1)
+        second = run.new_model()
+        sg_history = train_once(sg, second,
+                                lambda: train_classifier(run, second, cfg.generalist, sg.state, seed=seed + 1,
+                                                         desc="second generalist (seed + 1)"),
+                                lambda: run.save_model(sg.weights, second, model=to_dict(cfg.model),
+                                                       num_classes=ds.num_classes, seed=seed + 1))
+        second = prepare_model(second, device, ds.is_image).eval()
+
+    # --- test metrics --------------------------------------------------------------------
+    y = ds.test.y
+    pred = ens.predict_all(ds.test.x)
+    p_gen, p_ens = pred["generalist"].float().cpu(), pred["ensemble"].float().cpu()
+    p_student = _test_probs(run, student)
+    final = split_metrics(run, student, ("val", "test"), st.eval_batch_size)
+    ev = _evaluation_top1(run)
+    top1 = {"generalist": ev.get("generalist", metrics.accuracy(p_gen, y)),
+            "ensemble": ev.get("ensemble", metrics.accuracy(p_ens, y)),
+            "student": final["test_top1"]}
+    teacher_test = {"ensemble": p_ens, "generalist": p_gen}.get(teacher.name)
+    control: dict = {}
+    probs = {"student": p_student}
+    if born_again is not None:
+        probs["born_again"] = _test_probs(run, born_again)
+        top1["born_again"] = metrics.accuracy(probs["born_again"], y)
+        control["born_again"] = {
+            "test_top1": top1["born_again"], "test_top5": metrics.accuracy(probs["born_again"], y, 5),
+            "test_nll": metrics.nll(probs["born_again"], y), "teacher": "generalist",
+            "agreement_with_generalist": _agreement(probs["born_again"], p_gen),
+            "train_seconds_per_epoch": _median_epoch_seconds(ba_history), "history": ba_history}
+    if second is not None:
+        p_second = _test_probs(run, second)
+        probs["two_generalists"] = (p_gen + p_second) / 2
+        top1["two_generalists"] = metrics.accuracy(probs["two_generalists"], y)
+        control["second_generalist"] = {
+            "seed": seed + 1, "test_top1": metrics.accuracy(p_second, y), "test_top5": metrics.accuracy(p_second, y, 5),
+            "test_nll": metrics.nll(p_second, y), "history": sg_history}
+        control["two_generalist_average"] = {
+            "test_top1": top1["two_generalists"], "test_top5": metrics.accuracy(probs["two_generalists"], y, 5),
+            "test_nll": metrics.nll(probs["two_generalists"], y)}
+
+    # --- inference time per example (one protocol for every row) ---------------------------
+    info, bs = ens.info, st.eval_batch_size
+    x_time = ens.preprocess(ds.test.x[timing_rows(len(y), bs * cfg.evaluate.timing_batches)])
+    one = {k: SingleModel(m, info, device, bs).proba for k, m in
+           (("generalist", generalist), ("student", student), ("born_again", born_again), ("second", second)) if m is not None}
+    fns = {"generalist": one["generalist"], "ensemble": ens.proba, "student": one["student"]}
+    if born_again is not None:
+        fns["born_again"] = one["born_again"]
+    if second is not None:
+        fns["two_generalists"] = lambda x: (one["generalist"](x) + one["second"](x)) / 2
+    secs = seconds_per_example(fns, x_time, bs, REPEATS)
+
+    names = {"generalist": "generalist", "ensemble": "routed ensemble (generalist + specialists)",
+             "student": f"student of the {'ensemble' if teacher.name == 'ensemble' else teacher.name + ' teacher'}",
+             "born_again": "born-again student (teacher: generalist)",
+             "two_generalists": "two-generalist average (second seed)"}
+    comparisons = {k: {"name": names[k], "test_top1": top1[k], "seconds_per_example": secs.get(k)}
+                   for k in ("generalist", "ensemble", "student", "born_again", "two_generalists") if k in top1}
+
+    gain = None
+    if "born_again" in probs:
+        boot = metrics.paired_bootstrap(metrics.topk_correct(probs["born_again"], y),
+                                        metrics.topk_correct(p_student, y), cfg.evaluate.bootstrap, cfg.seed)
+        gain = {"points": 100 * (top1["student"] - top1["born_again"]),
+                "ci95_points": [100 * c for c in boot["ci95"]] if boot.get("ci95") else None,
+                "test_examples": int(len(y))}
+
+    # the generalist's epoch time: from the second generalist when there is one (same config,
+    # trained beside the student, so machine load and threads are alike), else the first's
+    if sg_history:
+        gen_epoch, gen_source = _median_epoch_seconds(sg_history), "the second generalist, trained by this stage"
+    else:
+        gen_epoch = _median_epoch_seconds(read_json(run.generalist.metrics).get("history", []))
+        gen_source = "the generalist stage's metrics.json"
+    st_epoch = _median_epoch_seconds(history)
+    result = {
+        **final,
+        "teacher": teacher.name,
+        "teacher_probs": probs_info,
+        "model": model_cfg,
+        "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha, "loss": cfg.distill.loss,
+        "agreement_with_teacher": _agreement(p_student, teacher_test) if teacher_test is not None else None,
+        "agreement_with_ensemble": _agreement(p_student, p_ens),
+        "agreement_with_generalist": _agreement(p_student, p_gen),
+        "epochs": st.epochs,
+        "steps": sum(h["steps"] for h in history),
+        "train_seconds_per_epoch": st_epoch,
+        "generalist_train_seconds_per_epoch": gen_epoch,
+        "generalist_epoch_time_source": gen_source,
+        "train_time_ratio_vs_generalist": st_epoch / gen_epoch if st_epoch and gen_epoch else None,
+        "inference_seconds_per_example": secs["student"],
+        "inference_ratio_vs_ensemble": secs["student"] / secs["ensemble"] if secs["ensemble"] else None,
+        "timing_examples": int(len(x_time)),
+        "timing_repeats": REPEATS,
+        "top1_source": "evaluation.json" if ev else "computed",
+        "control": control,
+        "comparisons": comparisons,
+        "gain_over_born_again": gain,
+        "history": history,
+    }
+    write_json(files.metrics, result)
+    log.info("student (teacher %s): test top-1 %.4f (generalist %.4f, ensemble %.4f), agreement with teacher %s",
+             teacher.name, top1["student"], top1["generalist"], top1["ensemble"],
+             f"{result['agreement_with_teacher']:.4f}" if result["agreement_with_teacher"] is not None else "-")
+    return result
