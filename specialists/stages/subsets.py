@@ -40,7 +40,6 @@ def find(run: Run) -> dict:
     cfg, ds = run.cfg.subsets, run.data
     C = ds.num_classes
     check_class_counts(run.cfg, C)
-    run.probs_npy.parent.mkdir(parents=True, exist_ok=True)
     probs = heldin_probs(run)
     labels = ds.split(cfg.split).y.numpy()
     try:
