@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: quickstart test lint setup clean-runs cifar100-cpu
+.PHONY: quickstart test lint setup clean-runs cifar100-cpu crash-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ lint: $(STAMP)  # pyflakes, import order, bugbear; and the layer contracts in py
 
 test: lint
 	$(PY) -m pytest
+
+crash-test: $(STAMP)  # the quickstart SIGKILLed 24 times at random moments, resumed each time, compared (~5 minutes)
+	$(PY) benchmarks/crash_resume.py --kills 24
 
 cifar100-cpu: $(STAMP)  # real CIFAR-100 from ../shared/data (about 40 minutes on 2 CPU cores)
 	$(VENV)/bin/specialists run configs/cifar100_cpu.yaml

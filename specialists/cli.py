@@ -91,6 +91,10 @@ def _guard(fn) -> int:
     except SpecialistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only folder, a full disk, a permission: the system's word, one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
@@ -106,11 +110,14 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=MODELS, default="ensemble")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the run's files against the sizes and sha256 recorded when they were written")
     args = p.parse_args(argv)
     setup_logging()
 
     def go():
-        return predict_files(args.run_dir, args.files, model=args.model, top_k=args.top_k, device=args.device)
+        return predict_files(args.run_dir, args.files, model=args.model, top_k=args.top_k, device=args.device,
+                             verify=not args.no_verify)
 
     return _guard(go)
 

@@ -15,7 +15,6 @@ from typing import Callable, Dict
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 MODELS: Dict[str, Callable] = {}
 
@@ -97,6 +96,9 @@ class _ResNetFeatures(nn.Module):
     """torchvision's ResNet body with a CIFAR stem (3x3 conv, stride 1, no max-pool)."""
 
     def __init__(self, layers: list[int], in_channels: int, width: int):
+        # imported here: torchvision takes seconds to import, and only ResNets need it
+        from torchvision.models.resnet import BasicBlock, ResNet
+
         super().__init__()
         net = ResNet(BasicBlock, layers, num_classes=1)
         if width != 64:  # rebuild the stages at another width (torchvision fixes 64..512)

@@ -148,7 +148,9 @@ def test_from_run_class_count_mismatch_in_data_json(run_dir, tmp_path):
     info["class_names"].append("extra")
     (d / "data.json").write_text(json.dumps(info))
     msg = _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu"))
-    assert "do not fit" in msg or "classes" in msg
+    assert "data.json" in msg and "changed" in msg  # the edited file is refused as such
+    msg = _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu", verify=False))
+    assert "do not fit" in msg or "classes" in msg  # unverified, the class count check still catches it
 
 
 def test_from_run_subset_naming_a_class_the_run_lacks(run_dir, tmp_path):
@@ -158,7 +160,8 @@ def test_from_run_subset_naming_a_class_the_run_lacks(run_dir, tmp_path):
     C = json.loads((d / "data.json").read_text())["num_classes"]
     subsets["subsets"][0]["classes"] = subsets["subsets"][0]["classes"][:-1] + [C]
     path.write_text(json.dumps(subsets))
-    msg = _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu"))
+    assert "subsets.json" in _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu"))
+    msg = _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu", verify=False))
     assert f"class {C}" in msg
 
 
@@ -168,7 +171,8 @@ def test_from_run_subset_size_not_matching_the_specialist(run_dir, tmp_path):
     subsets = json.loads(path.read_text())
     subsets["subsets"][1]["classes"] = subsets["subsets"][1]["classes"][:-1]  # one class fewer than its head
     path.write_text(json.dumps(subsets))
-    _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu"))
+    assert "subsets.json" in _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu"))
+    _one_line_error(lambda: SpecialistEnsemble.from_run(d, device="cpu", verify=False))
 
 
 def test_from_run_not_a_run_dir(tmp_path):

@@ -115,7 +115,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_a_checkpoint_carrying_code_is_refused(tmp_path, capsys):
+def test_a_checkpoint_carrying_code_is_refused(tmp_path, caplog):
     marker = tmp_path / "pwned"
     evil = tmp_path / "state.pt"
     torch.save({"model": {}, "epoch": 1, "payload": _Payload(str(marker))}, evil)
@@ -126,14 +126,20 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path, capsys):
     with pytest.raises(SpecialistsError, match="unreadable checkpoint"):
         load_state(evil)
     assert not marker.exists()
-    # a run whose generalist/state.pt was replaced by it stops with one line, payload not run
+    # a run whose generalist/state.pt was replaced by it says so in one line, never runs the
+    # payload, and trains the generalist from scratch: the same weights as a clean run
     cfg = tiny_config(tmp_path / "run")
     (tmp_path / "run" / "generalist").mkdir(parents=True)
     evil.rename(tmp_path / "run" / "generalist" / "state.pt")
-    with pytest.raises(SpecialistsError) as info:
+    with caplog.at_level(logging.WARNING, logger="specialists"):
         run_stage(cfg, "generalist")
-    assert "\n" not in str(info.value) and "state.pt" in str(info.value)
+    warned = [r.getMessage() for r in caplog.records if "state.pt" in r.getMessage()]
+    assert len(warned) == 1 and "from scratch" in warned[0] and "\n" not in warned[0]
     assert not marker.exists()
+    run_stage(tiny_config(tmp_path / "clean"), "generalist")
+    a = load_file(str(tmp_path / "run" / "generalist" / "model.safetensors"))
+    b = load_file(str(tmp_path / "clean" / "generalist" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rerunning_a_finished_stage_does_nothing(trained):

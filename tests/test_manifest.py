@@ -85,8 +85,8 @@ def test_force_reruns_the_stage_and_wipes_downstream(run_dir):
         folder = run_dir / BY_KEY[stage].folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "artifact.txt").write_text(stage)
-        m.start(stage, config_values(cfg, depends(stage)))
-        m.finish(stage, [f"{BY_KEY[stage].folder}/artifact.txt"])
+        m.start(stage, config_values(cfg, depends(stage)), folder)
+        m.finish(stage, 0.1, [folder / "artifact.txt"], [])
     (run_dir / "notes.txt").write_text("not a stage's")
     old_metrics = json.loads((run_dir / "generalist" / "metrics.json").read_text())
     assert len(old_metrics["history"]) == 1

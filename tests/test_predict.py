@@ -34,7 +34,7 @@ def test_predict_answers_good_files_and_reports_the_bad_one(tiny_run, info, tmp_
     bad.write_text("not an image")
     rc = main(["predict", tiny_run.run_dir, str(a), str(bad), str(b), "--top-k", "3"])
     out, err = capsys.readouterr()
-    assert rc == 1
+    assert rc == 2  # bad input, as everywhere
     errors = _errors(err)
     assert len(errors) == 1 and "bad.txt" in errors[0]
     assert "Traceback" not in err
@@ -65,7 +65,7 @@ def test_predict_wrong_shape_npy_and_missing_file(tiny_run, tmp_path, capsys):
     np.save(wrong, np.zeros((5, 5)))
     rc = main(["predict", tiny_run.run_dir, str(wrong), str(tmp_path / "missing.png")])
     _, err = capsys.readouterr()
-    assert rc == 1
+    assert rc == 2  # bad input, as everywhere
     errors = _errors(err)
     assert len(errors) == 2 and "wrong.npy" in errors[0] and "shape" in errors[0] and "missing.png" in errors[1]
 

@@ -338,7 +338,7 @@ def _read_images(files: List[Path], resize: Optional[int]) -> np.ndarray:
             with Image.open(f) as im:
                 modes.append(im.mode)
                 sizes.append(im.size)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise SpecialistsError(f"{f}: cannot read image ({one_line(e)})") from None
     gray = all(m in GRAY_MODES for m in modes)
     mode, channels = ("L", 1) if gray else ("RGB", 3)
@@ -363,7 +363,7 @@ def _read_images(files: List[Path], resize: Optional[int]) -> np.ndarray:
                 if resize and im2.size != (w, h):
                     im2 = im2.resize((w, h), Image.Resampling.BILINEAR)
                 a = np.asarray(im2, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise SpecialistsError(f"{f}: cannot read image ({one_line(e)})") from None
         out[i] = a.reshape(h, w, channels)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # NCHW

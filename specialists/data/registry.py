@@ -156,6 +156,47 @@ def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _sparse_labels(y_train: np.ndarray, y_test: np.ndarray, remap: bool, where: str):
+    """Labels without class names must be the ids 0..C-1. One far above the distinct labels is
+    likely a typo and is refused; ``remap`` renumbers the distinct labels 0..K-1 instead (in
+    order), the original ids becoming the class names. Returns (y_train, y_test, names|None)."""
+    distinct = np.unique(np.concatenate([y_train, y_test]))
+    top = int(distinct[-1]) + 1
+    if remap:
+        lookup = {int(v): i for i, v in enumerate(distinct)}
+        renumber = np.vectorize(lookup.__getitem__, otypes=[np.int64])
+        return renumber(y_train), renumber(y_test), [str(int(v)) for v in distinct]
+    if top > 2 * len(distinct):
+        raise SpecialistsError(
+            f"{where}: label {top - 1} is far above the {len(distinct)} distinct labels (a typo?): without class "
+            f"names, labels are the class ids 0..C-1, so it would make {top} classes; set data.remap_labels=true "
+            "to renumber the distinct labels 0..K-1 (the original ids become the class names)")
+    return y_train, y_test, None
+
+
+def _check_finite(x: np.ndarray, where: str, chunk: int = 65536) -> None:
+    for start in range(0, len(x), chunk):
+        bad = ~np.isfinite(x[start:start + chunk])
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise SpecialistsError(f"{where}: row {start + row}, feature {col} is {x[start + row, col]} "
+                                   "(inputs must be finite numbers)")
+
+
+def _check_every_class_trains(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, names, where: str) -> None:
+    """Every class needs training examples: a class the generalist never sees cannot be learnt
+    (and its specialist would report nonsense)."""
+    empty = np.flatnonzero(np.bincount(y_train, minlength=num_classes) == 0)
+    if len(empty):
+        c = int(empty[0])
+        in_test = int((y_test == c).sum())
+        name = f" ({names[c]})" if names is not None else ""
+        more = f"; so have {len(empty) - 1} other classes" if len(empty) > 1 else ""
+        only_test = f", only {in_test} test examples" if in_test else ""
+        raise SpecialistsError(f"{where}: class {c}{name} has no training examples{only_test}{more} "
+                               "(every class needs some; check the labels, or data.max_train)")
+
+
 def build_dataset(data_cfg) -> Dataset:
     """Load ``data_cfg.name`` through the registry and return train/val/test splits."""
     if data_cfg.name not in DATASETS:
@@ -170,9 +211,14 @@ def build_dataset(data_cfg) -> Dataset:
         raise SpecialistsError(f"{where}: x and y have different lengths")
     if len(y_train) < 2 or len(y_test) < 1:
         raise SpecialistsError(f"{where}: too few examples (train {len(y_train)}, test {len(y_test)})")
-    num_classes = raw.num_classes or int(max(y_train.max(), y_test.max())) + 1
+    names = list(raw.class_names) if raw.class_names is not None else None
+    if raw.num_classes is None and names is None:
+        y_train, y_test, names = _sparse_labels(y_train, y_test, bool(getattr(data_cfg, "remap_labels", False)), where)
+    num_classes = raw.num_classes or (len(names) if names is not None else int(max(y_train.max(), y_test.max())) + 1)
     if max(y_train.max(), y_test.max()) >= num_classes:
         raise SpecialistsError(f"{where}: a label is >= the number of classes ({num_classes})")
+    if num_classes < 2:
+        raise SpecialistsError(f"{where}: only one class; a classifier needs at least two")
 
     if raw.x_train.dtype == np.uint8:
         x_train, x_test = _to_images(raw.x_train, where), _to_images(raw.x_test, where)
@@ -183,12 +229,16 @@ def build_dataset(data_cfg) -> Dataset:
         is_image = False
     if x_train.shape[1:] != x_test.shape[1:]:
         raise SpecialistsError(f"{where}: train and test inputs differ in shape ({x_train.shape[1:]} vs {x_test.shape[1:]})")
+    if not is_image:
+        for split, x in (("x_train", x_train), ("x_test", x_test)):
+            _check_finite(x, f"{where} {split}")
 
     order = np.arange(len(y_train))
     if data_cfg.max_train is not None and data_cfg.max_train < len(y_train):
         # a seeded, class-balanced-in-expectation subsample that keeps the source order
         rng = np.random.default_rng(data_cfg.split_seed + 1)
         order = np.sort(rng.choice(len(y_train), data_cfg.max_train, replace=False))
+    _check_every_class_trains(y_train[order], y_test, num_classes, names, where)
     tr_idx, va_idx = stratified_split(y_train[order], data_cfg.val_fraction, data_cfg.split_seed)
     tr_idx, va_idx = order[tr_idx], order[va_idx]
 
@@ -227,7 +277,7 @@ def build_dataset(data_cfg) -> Dataset:
     augment = data_cfg.augment
     if augment == "auto":
         augment = (raw.default_augment or entry.default_augment) if is_image else "none"
-    names = list(raw.class_names) if raw.class_names is not None else [str(i) for i in range(num_classes)]
+    names = names if names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise SpecialistsError(f"{where}: {len(names)} class names for {num_classes} classes")
     return Dataset(

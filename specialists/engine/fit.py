@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..core.optim import lr_factor, make_optimizer
 from ..data import Batcher
 from ..device import autocast
+from ..errors import SpecialistsError, one_line
 from ..rundir.io import load_state, save_state
 
 log = logging.getLogger("specialists")
@@ -39,6 +40,30 @@ def predict_logits(model: nn.Module, batcher: Batcher, batch_size: int = 1024) -
         with autocast(batcher.device):
             out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def _resume(model: nn.Module, opt, sched, state_path, desc: str) -> tuple[list[dict], int] | None:
+    """Load ``state_path`` into the model, optimizer and schedule: (history, epochs done).
+
+    A damaged state (checksum, truncation, wrong shapes, missing keys) is one warning line:
+    it is deleted, the model is put back to exactly its initial weights and None returned, so
+    the model trains from scratch rather than from corrupt state."""
+    if state_path is None or not state_path.exists():
+        return [], 0
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, epoch = list(state["history"]), int(state["epoch"])
+    except (SpecialistsError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+        reason = str(exc) if isinstance(exc, SpecialistsError) else f"{state_path}: {type(exc).__name__} {one_line(exc)}"
+        log.warning("%s: %s; training from scratch", desc, reason)
+        model.load_state_dict(initial)
+        state_path.unlink(missing_ok=True)
+        return None
+    return history, epoch
 
 
 def fit(
@@ -61,21 +86,21 @@ def fit(
     loss tensor and a dict of per-step info (e.g. which phase ran) that is summed per epoch.
     Returns the per-epoch history (train loss, info counts, evaluation metrics, seconds).
     """
-    opt = make_optimizer(model, tcfg.optimizer, tcfg.lr, momentum=tcfg.momentum, nesterov=tcfg.nesterov,
-                         weight_decay=tcfg.weight_decay)
     total = tcfg.epochs * steps_per_epoch
     warmup = int(tcfg.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, tcfg.schedule, warmup))
-    history: list[dict] = []
-    start = 0
-    if state_path is not None and state_path.exists():
-        state = load_state(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["epoch"]
-        if start:
-            log.info("%s: resuming after epoch %d/%d", desc, start, tcfg.epochs)
+
+    def optimizer():
+        opt = make_optimizer(model, tcfg.optimizer, tcfg.lr, momentum=tcfg.momentum, nesterov=tcfg.nesterov,
+                             weight_decay=tcfg.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, tcfg.schedule, warmup))
+
+    opt, sched = optimizer()
+    resumed = _resume(model, opt, sched, state_path, desc)
+    if resumed is None:  # damaged state: from scratch, with a fresh optimizer and schedule
+        opt, sched = optimizer()
+    history, start = resumed or ([], 0)
+    if start:
+        log.info("%s: resuming after epoch %d/%d", desc, start, tcfg.epochs)
     for epoch in range(start, tcfg.epochs):
         torch.manual_seed(seed * 7919 + epoch)  # dropout etc.: same draws when resumed
         model.train()

@@ -49,14 +49,16 @@ class SpecialistEnsemble(Predictor):
     @classmethod
     def from_run(cls, run, device: str | None = None, *, top_n: int | None = None, solver: str | None = None,
                  routing: str | None = None, specialists: Sequence[int] | None = None,
-                 batch_size: int = 1024) -> "SpecialistEnsemble":
+                 batch_size: int = 1024, verify: bool = True) -> "SpecialistEnsemble":
         """Load the generalist, the subsets and every trained specialist of a run.
 
         ``run``: a run directory (or an open :class:`~specialists.rundir.Run`);
         ``specialists``: ids to use (default all); the combination settings default to the
         run's ``combine`` config. A missing specialist or a class-count mismatch is one line.
+        ``verify``: check every file loaded against the size and sha256 recorded when it was
+        written, refusing a changed one in one line (False skips the check, for speed).
         """
-        run = open_run(run, device)
+        run = open_run(run, device, verify)
         info = run.data_info()
         C = info["num_classes"]
         generalist = run.load_generalist()

@@ -2,8 +2,9 @@
 
 Every file is answered on its own: a file that cannot be read, is not an image, or has the
 wrong shape gets one ``error: FILE: reason`` line on stderr and the other files are still
-answered. The exit status is 0 when every file was answered, 1 otherwise (a bad run
-directory is a :class:`SpecialistsError`, which the CLI turns into status 2).
+answered. The exit status is 0 when every file was answered, 2 otherwise (as for any bad
+input; a bad run directory stops before any file, also with 2). Image files larger than
+PIL's ``Image.MAX_IMAGE_PIXELS`` (89 million pixels) are refused without being decoded.
 
 Inputs, for a run on images of shape (C, H, W):
 
@@ -33,14 +34,15 @@ class FileError(Exception):
     """One file could not be answered (reported as one line; the others go on)."""
 
 
-def load_predictor(run_dir, model: str = "ensemble", device: str = "auto"):
-    """The run's ensemble, student or generalist (raises SpecialistsError for a bad run)."""
+def load_predictor(run_dir, model: str = "ensemble", device: str = "auto", verify: bool = True):
+    """The run's ensemble, student or generalist (raises SpecialistsError for a bad run, or
+    for a file changed since it was written unless ``verify`` is False)."""
     if model == "ensemble":
-        return SpecialistEnsemble.from_run(run_dir, device=device)
+        return SpecialistEnsemble.from_run(run_dir, device=device, verify=verify)
     if model == "student":
-        return Student.from_run(run_dir, device=device)
+        return Student.from_run(run_dir, device=device, verify=verify)
     if model == "generalist":
-        return SingleModel.generalist_from_run(run_dir, device=device)
+        return SingleModel.generalist_from_run(run_dir, device=device, verify=verify)
     raise SpecialistsError(f"--model must be one of {', '.join(MODELS)}, got '{model}'")
 
 
@@ -53,11 +55,16 @@ def _read_image(path: Path, input_shape: tuple) -> tuple[np.ndarray, list[str]]:
     c, h, w = input_shape
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{im.size[0]}x{im.size[1]} pixels")
             im.load()
             mode = "RGB" if c == 3 else "L"
             img = im.convert(mode) if im.mode != mode else im.copy()
     except UnidentifiedImageError:
         raise FileError("not an image PIL can read, nor a .npy array") from None
+    except Image.DecompressionBombError as exc:
+        raise FileError(f"image too large to read ({one_line(exc)}; the limit is {Image.MAX_IMAGE_PIXELS:,} "
+                        "pixels)") from None
     except (OSError, ValueError) as exc:  # truncated or corrupt image data
         raise FileError(f"unreadable image ({one_line(exc)})") from None
     notes = []
@@ -149,15 +156,16 @@ def describe(predictor, x: np.ndarray, top_k: int) -> list[list[str]]:
     return out
 
 
-def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, device: str = "auto") -> int:
+def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, device: str = "auto",
+                  verify: bool = True) -> int:
     """Answer every file (stdout), one ``error: FILE: reason`` line per bad file (stderr).
 
-    Returns 0 when every file was answered, else 1. A bad run directory raises
+    Returns 0 when every file was answered, else 2. A bad run directory raises
     SpecialistsError (status 2 from the CLI).
     """
     if top_k < 1:
         raise SpecialistsError(f"--top-k must be >= 1, got {top_k}")
-    predictor = load_predictor(run_dir, model, device)  # once, for all files
+    predictor = load_predictor(run_dir, model, device, verify)  # once, for all files
     shape = tuple(predictor.input_shape)
     failed = 0
     for f in files:
@@ -169,10 +177,14 @@ def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, devic
             print(f"error: {f}: {exc}", file=sys.stderr)
             failed += 1
             continue
+        except OSError as exc:  # e.g. a file we may not read
+            print(f"error: {f}: cannot read ({exc.strerror or one_line(exc)})", file=sys.stderr)
+            failed += 1
+            continue
         for n in notes:
             print(f"note: {f}: {n}")
         for j, lines in enumerate(answers):
             print(f"{f}:" if len(answers) == 1 else f"{f}[{j}]:")
             print("\n".join(lines))
         sys.stdout.flush()
-    return 1 if failed else 0
+    return 2 if failed else 0

@@ -21,11 +21,12 @@ from ..rundir.config import student_model_config
 Tensor = torch.Tensor
 
 
-def open_run(run, device: str | None) -> Run:
-    """A :class:`Run` as given, or opened from its directory (``device``: None keeps the run's)."""
+def open_run(run, device: str | None, verify: bool = True) -> Run:
+    """A :class:`Run` as given, or opened from its directory (``device``: None keeps the run's;
+    ``verify``: check every file loaded against the manifest)."""
     if isinstance(run, Run):
-        return run if device is None or torch.device(device) == run.device else Run(run.cfg, str(device))
-    return Run.open(run, device or "auto")
+        return run if device is None or torch.device(device) == run.device else Run(run.cfg, str(device), run.verify)
+    return Run.open(run, device or "auto", verify=verify)
 
 
 class Predictor:
@@ -76,8 +77,8 @@ class SingleModel(Predictor):
             return torch.softmax(self.model(x).float(), 1)
 
     @classmethod
-    def generalist_from_run(cls, run, device: str | None = None) -> "SingleModel":
-        run = open_run(run, device)
+    def generalist_from_run(cls, run, device: str | None = None, verify: bool = True) -> "SingleModel":
+        run = open_run(run, device, verify)
         return cls(run.load_generalist(), run.data_info(), run.device)
 
 
@@ -85,8 +86,9 @@ class Student(SingleModel):
     """The distilled student of a run: ``Student.from_run(run_dir).predict_proba(x)``."""
 
     @classmethod
-    def from_run(cls, run, device: str | None = None) -> "Student":
-        run = open_run(run, device)
+    def from_run(cls, run, device: str | None = None, verify: bool = True) -> "Student":
+        """``verify``: refuse a file changed since it was written (False skips the check)."""
+        run = open_run(run, device, verify)
         if not run.student.weights.exists():
             raise SpecialistsError(f"no student in {run.dir}: run `specialists distill CONFIG` first")
         info = run.data_info()

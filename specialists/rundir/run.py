@@ -13,7 +13,8 @@ Layout::
 
 No other module spells a file name of the run directory: they ask a :class:`Run` (or a
 :class:`ModelFiles` it hands out). Paths inside the run directory are relative, so it can be
-moved or copied elsewhere.
+moved or copied elsewhere. A run opened for inference (``Run.open``) checks every file it
+loads against the size and sha256 the manifest recorded when the file was written.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 
 from ..data import Dataset, build_dataset
 from ..device import resolve_device
-from ..errors import SpecialistsError
+from ..errors import SpecialistsError, one_line
 from ..models import Classifier, build_model
-from .config import Config, config_from_yaml_text, to_yaml
+from .config import Config, check_class_counts, config_from_yaml_text, to_yaml
 from .io import load_weights, read_json, save_weights, write_json, write_text
+from .locks import FileLock
 from .manifest import Manifest
 
 # One folder per stage (the stage table in specialists.stages names each stage's folder).
@@ -67,21 +69,43 @@ class ModelFiles:
 class Run:
     """One run directory opened with one config."""
 
-    def __init__(self, cfg: Config, device: str | None = None):
+    def __init__(self, cfg: Config, device: str | None = None, verify: bool = False):
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
         self.device = resolve_device(device or cfg.device)
         self.manifest = Manifest(self.dir / "manifest.json")
+        self.verify = verify  # check files against the manifest as they are loaded
 
     @classmethod
-    def open(cls, run_dir, device: str | None = None) -> "Run":
-        """Reopen a run from its saved ``config.yaml`` (for inference and reports)."""
+    def open(cls, run_dir, device: str | None = None, verify: bool = True) -> "Run":
+        """Reopen a run from its saved ``config.yaml`` (for inference and reports). ``verify``:
+        check each file loaded against the manifest (a changed one is refused in one line)."""
         path = Path(run_dir) / "config.yaml"
         if not path.is_file():
             raise SpecialistsError(f"{run_dir} is not a run directory (no config.yaml)")
-        cfg = config_from_yaml_text(path.read_text())
+        try:
+            cfg = config_from_yaml_text(path.read_text())
+        except SpecialistsError as exc:
+            raise SpecialistsError(f"{path}: not a valid run config ({exc})") from None
+        except Exception as exc:  # YAML syntax, undecodable bytes
+            raise SpecialistsError(f"{path}: not a valid run config ({one_line(exc)})") from None
         cfg.run_dir = str(run_dir)
-        return cls(cfg, device=device or "auto")
+        return cls(cfg, device=device or "auto", verify=verify)
+
+    def checked(self, path: Path) -> Path:
+        """``path``, checked (when ``verify``) against the size and sha256 recorded when it was
+        written; a changed or missing file is one line. Files the manifest does not list (an
+        older run directory) are not checked."""
+        if self.verify:
+            want = self.manifest.entry(path)
+            why = want and Manifest.check_file(Path(path), want)
+            if why:
+                raise SpecialistsError(f"{path} {why}: `specialists run CONFIG` rebuilds it (or load with verify=False)")
+        return path
+
+    def lock(self, name: str, what: str) -> FileLock:
+        """The lock of one writer (a stage, a specialist job): ``RUN_DIR/.locks/NAME.lock``."""
+        return FileLock(self.dir / ".locks" / f"{name}.lock", what)
 
     def save_config(self) -> None:
         write_text(self.dir / "config.yaml", to_yaml(self.cfg))
@@ -93,10 +117,18 @@ class Run:
     # --- data --------------------------------------------------------------------------
     @cached_property
     def data(self) -> Dataset:
+        """The data set, loaded and checked (bad data and class counts the config cannot fit
+        are refused here, before any training), and ``data.json`` written or repaired."""
         ds = build_dataset(self.cfg.data)
+        check_class_counts(self.cfg, ds.num_classes)
         info = ds.preprocessing()
-        if not self.data_json.exists() or read_json(self.data_json) != info:
+        try:
+            same = read_json(self.data_json) == info
+        except SpecialistsError:  # missing or damaged: written anew from the data
+            same = False
+        if not same:
             write_json(self.data_json, info)
+        self.manifest.record_file(self.data_json)
         return ds
 
     @property
@@ -105,7 +137,7 @@ class Run:
 
     def data_info(self) -> dict:
         """Input shape, class names, normalization: from data.json, without loading data."""
-        return read_json(self.data_json) if self.data_json.exists() else self.data.preprocessing()
+        return read_json(self.checked(self.data_json)) if self.data_json.exists() else self.data.preprocessing()
 
     # --- generalist/ ---------------------------------------------------------------------
     @property
@@ -199,7 +231,7 @@ class Run:
 
     def load_model(self, files: ModelFiles, num_classes: int | None = None, model_cfg=None) -> Classifier:
         """A trained model of this run on the run's device, in eval mode."""
-        return load_weights(files.weights, self.new_model(num_classes, model_cfg)).to(self.device).eval()
+        return load_weights(self.checked(files.weights), self.new_model(num_classes, model_cfg)).to(self.device).eval()
 
     def load_generalist(self) -> Classifier:
         if not self.generalist.weights.exists():
@@ -213,4 +245,4 @@ class Run:
         """``subsets.json``'s entries: ``{"id", "classes", "names", "size", ...}``."""
         if not self.subsets_json.exists():
             raise SpecialistsError(f"no subsets in {self.dir}: run `specialists find-subsets CONFIG` first")
-        return read_json(self.subsets_json)["subsets"]
+        return read_json(self.checked(self.subsets_json))["subsets"]

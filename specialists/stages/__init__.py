@@ -30,6 +30,7 @@ class Stage:
     help: str
     options: tuple[str, ...] = ()  # command-line options it takes (passed to ``run``)
     subrun: bool = False  # whether ``run`` takes ``subrun=``, to run stages in a sub-run
+    jobs: bool = False  # ``run`` locks each of its independent jobs itself (no stage-wide lock)
     enabled: str | None = None  # a boolean config key; ``specialists run`` skips the stage when false
 
 
@@ -40,7 +41,7 @@ STAGES: tuple[Stage, ...] = (
           subsets.find, (render.covariance,), "cluster the covariance of its probabilities into class subsets"),
     Stage("specialists", "train-specialists", SPECIALISTS, "subsets",
           ("specialists", "distill.temperature", "distill.loss"),
-          specialists.train, (), "train one specialist per subset", options=("only",)),
+          specialists.train, (), "train one specialist per subset", options=("only",), jobs=True),
     Stage("evaluate", "evaluate", EVALUATION, "specialists", ("combine", "evaluate"),
           evaluate.evaluate, (render.evaluation_plots, render.evaluation_report),
           "generalist vs routed ensemble on the test split"),
@@ -62,6 +63,12 @@ def depends(key: str) -> list[str]:
     return (depends(s.upstream) if s.upstream else []) + list(s.keys)
 
 
+def upstream_chain(key: str) -> list[str]:
+    """The stages whose artifacts stage ``key`` reads, first to last, then ``key`` itself."""
+    up = BY_KEY[key].upstream
+    return (upstream_chain(up) if up else []) + [key]
+
+
 def downstream(key: str) -> list[str]:
     """``key`` and every stage that consumes its artifacts, in pipeline order."""
     out = [key]
@@ -71,4 +78,4 @@ def downstream(key: str) -> list[str]:
     return out
 
 
-__all__ = ["BY_KEY", "BY_VERB", "STAGES", "Stage", "depends", "downstream"]
+__all__ = ["BY_KEY", "BY_VERB", "STAGES", "Stage", "depends", "downstream", "upstream_chain"]

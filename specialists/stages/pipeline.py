@@ -1,10 +1,22 @@
-"""Running stages: manifest checks, upstream requirements, skipping what is done, reports.
+"""Running stages: the run directory's state machine.
 
 ``run_stage(cfg, key)`` is what every command and pipeline script calls; ``run_all(cfg)``
-chains the stages for ``specialists run``. A finished stage is skipped, a half-finished one
-resumes from its own checkpoints, and a stage whose recorded inputs differ from the config is
-refused (or, with ``force``, wiped and redone together with everything downstream). After a
-stage completes, the reports its row names are rendered, then it is recorded as done.
+chains the stages for ``specialists run``. For one stage, in order:
+
+1. **inputs**: a *finished* stage whose recorded config inputs differ from the config is
+   refused (or, with ``force``, wiped and redone together with everything downstream); an
+   *unfinished* attempt with other inputs never blocks: it is discarded with a warning.
+2. **artifacts**: every artifact the stage reads (its upstream chain's) and, when it is done,
+   its own is checked against the size and sha256 recorded when it was written; a missing or
+   changed one reopens the stage that made it (its damaged files deleted, the stages after it
+   wiped), with one line per file. A stage whose upstream is not done is refused, naming the
+   command to run; a done one is skipped.
+3. **data**: the data set is loaded and checked (bad data is refused before any work).
+4. **one writer**: the stage's lock is taken (a stage with independent jobs locks each job
+   instead); a second process waits, then finds the stage done and skips it.
+5. **run**: stale temporary files of dead writers are removed, the attempt is recorded, the
+   stage runs (resuming from its own checkpoints), its row's reports are rendered, and it is
+   recorded as done with the digests of what it wrote and the time of all its attempts.
 """
 
 from __future__ import annotations
@@ -13,19 +25,29 @@ import logging
 import os
 import shutil
 import time
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Sequence
 
 from omegaconf import OmegaConf
 
 from ..errors import SpecialistsError
 from ..rundir import Run, config_values
-from . import BY_KEY, STAGES, depends, downstream
+from ..rundir.io import clean_stale_temp_files
+from . import BY_KEY, STAGES, depends, downstream, upstream_chain
 
 log = logging.getLogger("specialists")
 
+REPORT_SUFFIXES = (".md", ".png")  # views re-rendered from the artifacts: listed, not verified
+UNVERIFIED_NAMES = ("state.pt", "manifest.lock")  # resume state (carries its own checksum), locks
+
+# (path, size, mtime_ns) of files verified by this process: a file is hashed once per process
+_CHECKED: set = set()
+
 
 def guard(run: Run, cfg, force: bool = False) -> None:
-    """Refuse (or with ``force`` wipe and reopen) every recorded stage whose inputs changed."""
+    """Refuse (or with ``force`` wipe and reopen) every finished stage whose inputs changed;
+    discard every unfinished attempt whose inputs changed."""
     for stage in STAGES:
         rec = run.manifest.record(stage.key)
         if not rec:
@@ -35,11 +57,20 @@ def guard(run: Run, cfg, force: bool = False) -> None:
         if not changed:
             continue
         k = changed[0]
-        if not force:
+        was, says = then.get(k, "<unset>"), now.get(k, "<unset>")
+        if rec.get("status") != "done":
+            lock = run.lock(stage.key, f"stage {stage.key}")
+            if not stage.jobs and not lock.acquire(blocking=False):
+                raise SpecialistsError(f"stage '{stage.key}' in {run.dir} is being run by {lock.holder()} with "
+                                       f"{k}={was!r}, but the config says {k}={says!r}: wait for it, or choose "
+                                       "another run_dir")
+            lock.release()
+            log.warning("stage %s: discarding an unfinished attempt made with %s=%r (the config now says %r)",
+                        stage.key, k, was, says)
+        elif not force:
             raise SpecialistsError(
-                f"stage '{stage.key}' in {run.dir} was run with {k}={then.get(k, '<unset>')!r} but the config now "
-                f"says {k}={now.get(k, '<unset>')!r}: rerun with --force to redo '{stage.key}' and the stages after "
-                f"it, or choose another run_dir")
+                f"stage '{stage.key}' in {run.dir} was run with {k}={was!r} but the config now says {k}={says!r}: "
+                f"rerun with --force to redo '{stage.key}' and the stages after it, or choose another run_dir")
         invalidate(run, stage.key)
 
 
@@ -47,6 +78,22 @@ def invalidate(run: Run, key: str) -> None:
     """Delete stage ``key`` and everything downstream: records and their folders."""
     keys = downstream(key)
     run.manifest.drop(keys, [run.dir / BY_KEY[k].folder for k in keys])
+
+
+def repair(run: Run, key: str) -> None:
+    """Check the artifacts stage ``key`` reads, and its own when it is done; reopen the first
+    stage with a missing or changed one."""
+    for k in upstream_chain(key):
+        if not run.manifest.is_done(k):
+            return  # nothing of it is trusted yet (and ``require`` says so when it is upstream)
+        problems = run.manifest.problems(k, _CHECKED)
+        if problems:
+            for rel, why in problems:
+                log.warning("stage %s: %s %s; rebuilding it and the stages after it", k, rel, why)
+            later = downstream(k)[1:]
+            run.manifest.drop([k, *later], [run.dir / BY_KEY[s].folder for s in later],
+                              files=[run.dir / rel for rel, _ in problems])
+            return
 
 
 def require(run: Run, key: str) -> None:
@@ -58,30 +105,48 @@ def require(run: Run, key: str) -> None:
             f"run `specialists {BY_KEY[up].verb} CONFIG` (or `specialists run CONFIG`) first")
 
 
+def _artifacts(run: Run, key: str) -> tuple[list[Path], list[Path]]:
+    """(verified artifacts, reports) in stage ``key``'s folder."""
+    folder = run.dir / BY_KEY[key].folder
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(run.dir).parts)]
+    reports = [p for p in files if p.suffix in REPORT_SUFFIXES]
+    verified = [p for p in files if p.suffix not in REPORT_SUFFIXES and p.name not in UNVERIFIED_NAMES]
+    return verified, reports
+
+
 def run_stage(cfg, key: str, *, force: bool = False, **options) -> dict | None:
     """Run stage ``key`` on ``cfg.run_dir`` unless it is already complete. Returns its result."""
     stage = BY_KEY[key]
     run = Run(cfg)
     guard(run, cfg, force)
+    repair(run, key)
     require(run, key)
     if run.manifest.is_done(key) and not options:
         log.info("stage %s: already complete, skipping", key)
         return None
-    run.save_config()
-    run.manifest.start(key, config_values(cfg, depends(key)))
-    t0 = time.perf_counter()
-    log.info("stage %s: starting in %s", key, run.dir)
-    if stage.subrun:
-        options["subrun"] = lambda sub_cfg, keys: subrun(run, sub_cfg, keys)
-    result = stage.run(run, **options) or {}
-    seconds = time.perf_counter() - t0
-    if result.get("complete", True):
-        for report in stage.reports:
-            report(run)
+    run.data  # noqa: B018  (load and check the data before any work; writes or repairs data.json)
+    with nullcontext() if stage.jobs else run.lock(key, f"stage {key}"):
+        if run.manifest.is_done(key) and not options:  # another process finished it meanwhile
+            log.info("stage %s: completed by another process, skipping", key)
+            return None
+        for p in clean_stale_temp_files(run.dir):
+            log.info("removed %s, left by a killed process", p)
+        run.save_config()
         folder = run.dir / stage.folder
-        artifacts = [run.rel(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
-        run.manifest.finish(key, artifacts, seconds=round(seconds, 2))
-    log.info("stage %s: finished in %.1fs", key, seconds)
+        run.manifest.start(key, config_values(cfg, depends(key)), folder)
+        t0 = time.perf_counter()
+        log.info("stage %s: starting in %s", key, run.dir)
+        if stage.subrun:
+            options["subrun"] = lambda sub_cfg, keys: subrun(run, sub_cfg, keys)
+        result = stage.run(run, **options) or {}
+        seconds = time.perf_counter() - t0
+        if result.get("complete", True):
+            for report in stage.reports:
+                report(run)
+            verified, reports = _artifacts(run, key)
+            run.manifest.finish(key, seconds, verified, reports, checked=_CHECKED)
+        log.info("stage %s: finished in %.1fs", key, seconds)
     return result
 
 
@@ -106,8 +171,9 @@ def subrun(parent: Run, cfg, keys: Sequence[str]) -> Run:
             shutil.copy2(getattr(src, name), getattr(dst, name))
         shutil.copy2(parent.data_json, sub.data_json)
         sub.save_config()
-        sub.manifest.start("generalist", config_values(cfg, depends("generalist")))
-        sub.manifest.finish("generalist", [sub.rel(dst.weights), sub.rel(dst.metrics)],
+        sub.manifest.start("generalist", config_values(cfg, depends("generalist")), dst.dir)
+        sub.manifest.record_file(sub.data_json)
+        sub.manifest.finish("generalist", 0.0, [dst.weights, dst.metrics], [],
                             shared_from=os.path.relpath(parent.dir, sub.dir))
     for key in keys:
         run_stage(cfg, key)

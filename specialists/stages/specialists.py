@@ -113,10 +113,19 @@ def specialist_metrics(run: Run, spec: Classifier, generalist: Classifier, S: to
     }
 
 
+def _trained(run: Run, sid: int) -> bool:
+    files = run.specialist(sid)
+    return files.metrics.exists() and files.weights.exists()
+
+
 def train(run: Run, only: list[int] | None = None) -> dict:
     """`specialists train-specialists`: every subset's specialist (or those in ``only``),
-    skipping finished ones. Complete (``"complete": True``) when every subset has its
-    ``metrics.json``."""
+    skipping finished ones. Complete (``"complete": True``) when every subset's specialist is.
+
+    Each specialist is a job with its own lock: processes sharing the run directory split the
+    jobs between them. A job another process holds is left for later; at the end this process
+    waits for it and trains it only if that process died without finishing it.
+    """
     subsets = run.load_subsets()
     ids = [s["id"] for s in subsets]
     if only is not None:
@@ -125,10 +134,20 @@ def train(run: Run, only: list[int] | None = None) -> dict:
             raise SpecialistsError(f"--only names specialist(s) {unknown} but the run has ids {ids[0]}..{ids[-1]}")
     todo = [s for s in subsets if only is None or s["id"] in only]
     generalist = run.load_generalist()
-    for s in todo:
-        if run.specialist(s["id"]).metrics.exists():
-            log.info("specialist %03d: already trained, skipping", s["id"])
-            continue
-        train_one(run, s["id"], s["classes"], generalist)
-    done = [i for i in ids if run.specialist(i).metrics.exists()]
+    held = []
+    for blocking, jobs in ((False, todo), (True, held)):
+        for s in jobs:
+            lock = run.lock(f"specialist-{s['id']:03d}", f"specialist {s['id']:03d}")
+            if not lock.acquire(blocking):
+                log.info("specialist %03d: %s is training it; coming back to it", s["id"], lock.holder())
+                held.append(s)
+                continue
+            try:
+                if _trained(run, s["id"]):
+                    log.info("specialist %03d: already trained, skipping", s["id"])
+                else:
+                    train_one(run, s["id"], s["classes"], generalist)
+            finally:
+                lock.release()
+    done = [i for i in ids if _trained(run, i)]
     return {"complete": len(done) == len(ids), "trained": done}
