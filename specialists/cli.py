@@ -70,14 +70,18 @@ def stage_main(verb: str, argv: list[str] | None = None) -> int:
 
 
 def _run_verb(stage, args) -> int:
+    from .device import init_distributed, is_main
     from .reports.render import run_summary
     from .rundir import Run, load_config
     from .stages.pipeline import run_all, run_stage
 
     cfg = load_config(args.config, args.overrides)
+    if init_distributed(cfg.device) and not is_main():  # under torchrun: rank 0 speaks for all
+        logging.getLogger("specialists").setLevel(logging.WARNING)
     if stage is None:  # `run`
         run_all(cfg, force=args.force)
-        print(run_summary(Run(cfg)))
+        if is_main():
+            print(run_summary(Run(cfg)))
         return 0
     options = {name: OPTIONS[name][1](getattr(args, name)) for name in stage.options
                if getattr(args, name) is not None}

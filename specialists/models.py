@@ -4,7 +4,7 @@ Every model is a :class:`Classifier`: ``features`` (input -> (B, F) embedding) f
 ``head`` (an ``nn.Linear`` F -> classes). Specialists replace ``head`` with one of
 ``|S| + 1`` outputs; nothing else in the code needs to know the architecture.
 
-Entries: ``mlp`` (flattens any input), ``cnn`` (small, CPU-friendly), and CIFAR-style ResNets
+Entries: ``linear`` and ``mlp`` (flatten any input), ``cnn`` (small, CPU-friendly), and CIFAR-style ResNets
 built from torchvision's ``ResNet`` with a 3x3 stride-1 stem and no max-pool: ``resnet8``
 (one basic block per stage, half width), ``resnet10``, ``resnet18``, ``resnet34``.
 """
@@ -49,6 +49,12 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+@register("linear")
+def linear(cfg, num_classes: int, input_shape: tuple) -> Classifier:
+    """A linear classifier on the flattened input (no hidden layer, no BatchNorm)."""
+    return Classifier(nn.Flatten(), _numel(input_shape), num_classes)
 
 
 @register("mlp")

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+SESSION_THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(SESSION_THREADS)
 
 # A run small enough to train in seconds on 2 CPU cores: 3 superclasses x 3 classes of 8x8
 # images, a narrow CNN, 3 specialists.
@@ -38,8 +39,13 @@ def tiny_run(tmp_path_factory):
     from specialists.stages.pipeline import run_stage
 
     cfg = tiny_config(tmp_path_factory.mktemp("tiny") / "run")
-    for stage in ("generalist", "subsets", "specialists"):
-        run_stage(cfg, stage)
+    before = torch.get_num_threads()
+    torch.set_num_threads(SESSION_THREADS)  # the same weights whichever test (and its threads) asks first
+    try:
+        for stage in ("generalist", "subsets", "specialists"):
+            run_stage(cfg, stage)
+    finally:
+        torch.set_num_threads(before)
     return cfg
 
 

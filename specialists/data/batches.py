@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.nn import functional as F
 
-from ..device import channels_last
+from ..device import channels_last, world
 from ..errors import SpecialistsError
 from .preprocess import Preprocessing
 from .registry import Dataset, Split
@@ -56,29 +56,51 @@ class Batcher:
         self.padding = ds.crop_padding
         self.preprocessing = Preprocessing(ds.preprocessing(), self.device)
 
-    def batch(self, idx: torch.Tensor, augment: bool = False, generator: Optional[torch.Generator] = None):
-        """Examples ``idx`` (LongTensor, CPU or device) -> (x float32, y int64) on the device."""
+    def batch(self, idx: torch.Tensor, augment: bool = False, generator: Optional[torch.Generator] = None,
+              shard: tuple[int, int] = (0, 1)):
+        """Examples ``idx`` (LongTensor, CPU or device) -> (x float32, y int64) on the device.
+
+        ``shard=(rank, ranks)``: only rank's contiguous share of the rows, with the augmentation
+        drawn for the whole batch first, so the ranks of a multi-process run together see
+        exactly the batch one process would.
+        """
+        aug = augment and self.is_image and self.augment != "none"
+        params = self._draw(len(idx), generator) if aug else {}
+        rank, ranks = shard
+        if ranks > 1:
+            rows = slice(rank * len(idx) // ranks, (rank + 1) * len(idx) // ranks)
+            idx, params = idx[rows], {k: v[rows] for k, v in params.items()}
         idx = idx.to(self.device)
         x = self.preprocessing.normalize(self.x[idx])
-        if augment and self.is_image and self.augment != "none":
-            x = self._augment(x, generator)
+        if aug:
+            x = self._augment(x, params)
         return channels_last(x), self.y[idx]
 
-    def _augment(self, x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
-        b, _, h, w = x.shape
+    def _draw(self, b: int, g: Optional[torch.Generator]) -> dict:
+        """The random crop offsets and flips of a batch of ``b`` (CPU tensors)."""
+        params = {}
         if "crop" in self.augment and self.padding > 0:
+            p = self.padding
+            params["oy"] = torch.randint(0, 2 * p + 1, (b,), generator=g)
+            params["ox"] = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        if "flip" in self.augment:
+            params["flip"] = torch.rand(b, generator=g) < 0.5
+        return params
+
+    def _augment(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if "oy" in params:
             p = self.padding
             # zero padding in normalized units = the mean colour, as in most CIFAR recipes
             xp = F.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
-            ox = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
+            oy, ox = params["oy"].to(self.device), params["ox"].to(self.device)
             rows = (oy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]  # (B,1,H,1)
             cols = (ox[:, None] + torch.arange(w, device=self.device))[:, None, None, :]  # (B,1,1,W)
             bi = torch.arange(b, device=self.device)[:, None, None, None]
             ci = torch.arange(x.shape[1], device=self.device)[None, :, None, None]
             x = xp[bi, ci, rows, cols]
-        if "flip" in self.augment:
-            flip = (torch.rand(b, generator=g) < 0.5).to(self.device)
+        if "flip" in params:
+            flip = params["flip"].to(self.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
@@ -144,19 +166,22 @@ class MixedBatches:
 
 
 def seeded_batches(batcher: Batcher, sampler, *, seed: int, stream: int = 0, augment: bool = True,
-                   epoch_offset: int = 0) -> Batches:
+                   epoch_offset: int = 0, shard: tuple[int, int] | None = None) -> Batches:
     """``batches(epoch)`` yielding (x, y, idx) on the device: ``sampler``'s index batches of
     ``batcher``'s split, augmented unless ``augment`` is False, every draw (order and
     augmentation) from :func:`epoch_generator` ``(seed, epoch + epoch_offset, stream)``.
 
     ``epoch_offset`` shifts the streams: a fine-tuning control continues the generalist's
-    epochs rather than replaying them.
+    epochs rather than replaying them. ``shard=(rank, ranks)``: this rank's share of every
+    batch (the batch size stays the global one); by default this process's place in a
+    torchrun run, which in one process is the whole batch.
     """
+    rank, ranks = shard = shard or world()
 
     def batches(epoch: int):
         g = epoch_generator(seed, epoch + epoch_offset, stream)
         for idx in sampler.epoch(g):
-            x, y = batcher.batch(idx, augment, g)
-            yield x, y, idx
+            x, y = batcher.batch(idx, augment, g, shard)
+            yield x, y, idx[rank * len(idx) // ranks:(rank + 1) * len(idx) // ranks]
 
     return batches

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from ..core.optim import lr_factor, make_optimizer
 from ..data import Batcher
-from ..device import autocast
+from ..device import autocast, mean_over_ranks, world
 from ..errors import SpecialistsError, one_line
-from ..rundir.io import load_state, save_state
+from ..rundir.io import load_state, rank0, save_state
 
 log = logging.getLogger("specialists")
 
@@ -61,9 +61,18 @@ def _resume(model: nn.Module, opt, sched, state_path, desc: str) -> tuple[list[d
         reason = str(exc) if isinstance(exc, SpecialistsError) else f"{state_path}: {type(exc).__name__} {one_line(exc)}"
         log.warning("%s: %s; training from scratch", desc, reason)
         model.load_state_dict(initial)
-        state_path.unlink(missing_ok=True)
+        rank0(lambda: state_path.unlink(missing_ok=True))
         return None
     return history, epoch
+
+
+def _data_parallel(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
+    """``model`` wrapped for data-parallel training when this is one rank of several."""
+    if world()[1] == 1:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (replaces the BatchNorm children in place)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def fit(
@@ -78,6 +87,7 @@ def fit(
     evaluate: Optional[Callable[[nn.Module], dict]] = None,
     seed: int = 0,
     desc: str = "train",
+    sync_bn: bool = False,
 ) -> list[dict]:
     """Train ``tcfg.epochs`` epochs (a ``TrainConfig`` section), resuming from ``state_path``
     when it exists.
@@ -85,6 +95,10 @@ def fit(
     ``batches(epoch)`` yields the epoch's batches (already on ``device``); ``step`` returns the
     loss tensor and a dict of per-step info (e.g. which phase ran) that is summed per epoch.
     Returns the per-epoch history (train loss, info counts, evaluation metrics, seconds).
+
+    Under torchrun the model trains as ``DistributedDataParallel`` (each rank on its shard of
+    every global batch, gradients averaged; ``sync_bn`` converts BatchNorm to SyncBatchNorm),
+    every rank evaluates the whole split with the same weights, and rank 0 alone writes.
     """
     total = tcfg.epochs * steps_per_epoch
     warmup = int(tcfg.warmup_epochs * steps_per_epoch)
@@ -101,6 +115,7 @@ def fit(
     history, start = resumed or ([], 0)
     if start:
         log.info("%s: resuming after epoch %d/%d", desc, start, tcfg.epochs)
+    trained = _data_parallel(model, device, sync_bn)
     for epoch in range(start, tcfg.epochs):
         torch.manual_seed(seed * 7919 + epoch)  # dropout etc.: same draws when resumed
         model.train()
@@ -112,7 +127,7 @@ def fit(
                    leave=False, dynamic_ncols=True, disable=None)
         for i, batch in enumerate(bar):
             with autocast(device):
-                loss, info = step(model, epoch, i, batch)
+                loss, info = step(trained, epoch, i, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -121,6 +136,7 @@ def fit(
             n_steps += 1
             for k, v in info.items():
                 info_sum[k] = info_sum.get(k, 0) + v
+        loss_sum = mean_over_ranks(loss_sum)
         record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, n_steps), "steps": n_steps, **info_sum}
         if evaluate is not None:
             record.update(evaluate(model))

@@ -60,7 +60,8 @@ def train_classifier(run: Run, model: torch.nn.Module, tcfg, state_path: Path | 
     batches = seeded_batches(Batcher(ds, ds.train, run.device), sampler, seed=seed, epoch_offset=epoch_offset)
     return fit(model, tcfg, device=run.device, state_path=state_path, batches=batches,
                steps_per_epoch=sampler.steps, step=HardLabels(tcfg.label_smoothing),
-               evaluate=_evaluator(run, eval_splits, tcfg.eval_batch_size), seed=seed, desc=desc)
+               evaluate=_evaluator(run, eval_splits, tcfg.eval_batch_size), seed=seed, desc=desc,
+               sync_bn=run.cfg.train.sync_bn)
 
 
 def student_batches(run: Run, batch_size: int, seed: int, augment: bool):
@@ -79,7 +80,8 @@ def train_student(run: Run, model: torch.nn.Module, teacher, state_path: Path | 
     batches, steps = student_batches(run, tcfg.batch_size, seed, teacher.augment)
     step = Distill(teacher, dcfg.temperature, dcfg.alpha, dcfg.loss, tcfg.label_smoothing)
     return fit(model, tcfg, device=run.device, state_path=state_path, batches=batches, steps_per_epoch=steps,
-               step=step, evaluate=_evaluator(run, eval_splits, tcfg.eval_batch_size), seed=seed, desc=desc)
+               step=step, evaluate=_evaluator(run, eval_splits, tcfg.eval_batch_size), seed=seed, desc=desc,
+               sync_bn=run.cfg.train.sync_bn)
 
 
 def train_once(files: ModelFiles, model: torch.nn.Module, train: Callable[[], list[dict]],

@@ -34,8 +34,10 @@ from ..device import DEVICES
 from ..errors import ConfigError, one_line
 from ..models import MODELS
 
-# The one config choice implemented above this layer (by the student stage's teachers).
+# The config choices implemented above this layer: the student stage's teachers, the executors
+# of independent jobs (engine/executors.py).
 TEACHERS = ("ensemble", "generalist", "probs")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -169,6 +171,24 @@ class StudentConfig(TrainConfig):
 
 
 @dataclass
+class DistributedTrainConfig:
+    """Training under torchrun (several processes, one model)."""
+
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (SyncBatchNorm) instead of per rank
+
+
+@dataclass
+class LaunchConfig:
+    """Where independent jobs run: the specialists, the re-clustering sub-runs, the controls."""
+
+    executor: str = "local"  # local (in this process, one after another) | ray (tasks)
+    address: str = ""  # ray: "" starts a local instance sized to the machine; "auto" or ray://host:port joins one
+    gpus_per_job: float = 0.0  # ray: fractions pack small jobs on one GPU
+    cpus_per_job: float = 1.0
+    max_retries: int = 3  # ray: a job whose process dies is retried, resuming from its checkpoint
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -183,6 +203,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    train: DistributedTrainConfig = field(default_factory=DistributedTrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def _schema() -> DictConfig:
@@ -392,6 +414,12 @@ def validate(cfg) -> None:
     _check(all(c >= 1 for c in cfg.ablate.counts), "ablate.counts", "every count must be >= 1")
     _choice(cfg, "ablate.order", ABLATION_ORDERS)
 
+    la = cfg.launch
+    _choice(cfg, "launch.executor", EXECUTORS)
+    _check(la.gpus_per_job >= 0, "launch.gpus_per_job", "must be >= 0")
+    _check(la.cpus_per_job > 0, "launch.cpus_per_job", "must be > 0")
+    _check(la.max_retries >= 0, "launch.max_retries", "must be >= 0")
+
     st = cfg.student
     _choice(cfg, "student.teacher", TEACHERS)
     if st.teacher == "probs":
@@ -438,5 +466,6 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "SubsetsConfig",
     "SpecialistsConfig", "CombineConfig", "EvaluateConfig", "AblateConfig", "StudentConfig",
     "load_config", "config_from_yaml_text", "to_yaml", "to_dict", "validate", "check_class_counts",
-    "config_values", "student_model_config", "MISSING", "TEACHERS",
+    "config_values", "student_model_config", "MISSING", "TEACHERS", "EXECUTORS", "LaunchConfig",
+    "DistributedTrainConfig",
 ]

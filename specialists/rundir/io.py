@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file as _st_load
 from safetensors.torch import save as _st_save
 
+from ..device import agree, barrier, is_main, world
 from ..errors import SpecialistsError, one_line
 
 STATE_MAGIC = b"SPECIALISTS-STATE-1\n"  # then the payload's sha256 (32 bytes), then torch.save's bytes
@@ -54,9 +56,41 @@ def _cannot_write(path: Path, exc: OSError) -> SpecialistsError:
     return SpecialistsError(f"{path}: cannot write ({exc.strerror or one_line(exc)})")
 
 
+def rank0(action: Callable[[], Any]) -> Any:
+    """Do ``action`` (a change to the run directory) on rank 0 alone, between two barriers: every
+    rank has made its decisions from the files as they were, and all see the change after. When
+    it fails, every rank raises (rank 0 its own error, the others one line quoting it). In one
+    process, just ``action()``."""
+    if world()[1] == 1:
+        return action()
+    barrier()
+    result, error = None, None
+    if is_main():
+        try:
+            result = action()
+        except BaseException as exc:  # shared below, then raised
+            error = exc
+    failed = agree(None if error is None else one_line(error))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise SpecialistsError(f"rank 0 failed: {failed}")
+    return result
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, rename it into place."""
-    path = Path(path)
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, rename it into place
+    (rank 0 alone, in a multi-process run: see :func:`rank0`)."""
+    rank0(lambda: _atomic_write(Path(path), write, mode))
+    return Path(path)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` with its times (rank 0 alone)."""
+    rank0(lambda: shutil.copy2(src, dst))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
@@ -77,14 +111,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if isinstance(exc, OSError):
             raise _cannot_write(path, exc) from None
         raise
-    return path
 
 
 def clean_stale_temp_files(folder: Path) -> list[Path]:
     """Delete the temp files under ``folder`` whose writer (a process on this host) is gone.
 
-    Returns what was deleted. Another live process's files, and other hosts', are left alone.
+    Returns what was deleted (rank 0 alone deletes). Another live process's files, and other
+    hosts', are left alone.
     """
+    return rank0(lambda: _clean_stale(folder)) or []
+
+
+def _clean_stale(folder: Path) -> list[Path]:
     host, removed = _host(), []
     for p in Path(folder).rglob(".*.tmp"):
         tag = p.name[:-len(".tmp")].rsplit(".", 2)

@@ -15,6 +15,7 @@ import os
 import socket
 from pathlib import Path
 
+from ..device import agree, is_main
 from ..errors import SpecialistsError
 
 log = logging.getLogger("specialists")
@@ -33,7 +34,12 @@ class FileLock:
             return "another process"
 
     def acquire(self, blocking: bool = True) -> bool:
-        """Take the lock; ``blocking=False`` returns False at once when another process has it."""
+        """Take the lock; ``blocking=False`` returns False at once when another process has it.
+        In a multi-process (torchrun) run, rank 0 takes it for all the ranks, which learn the
+        outcome from it."""
+        return agree(self._acquire(blocking) if is_main() else None)
+
+    def _acquire(self, blocking: bool) -> bool:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+")

@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..device import is_main
 from ..errors import SpecialistsError
 from .io import file_sha256, read_json, write_json
 
@@ -50,6 +51,10 @@ class Manifest:
 
     @contextmanager
     def _locked(self):
+        if not is_main():  # other ranks of a multi-process run: rank 0 holds the lock and writes
+            yield self.read()
+            write_json(self.path, {})  # (writes nothing here: it is rank 0's write's barrier)
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             lock = open(self.lock_path, "a")
@@ -162,7 +167,8 @@ class Manifest:
         with self._locked() as data:
             for s in stages:
                 data["stages"].pop(s, None)
-            for folder in folders:
-                shutil.rmtree(folder, ignore_errors=True)
-            for f in files:
-                Path(f).unlink(missing_ok=True)
+            if is_main():
+                for folder in folders:
+                    shutil.rmtree(folder, ignore_errors=True)
+                for f in files:
+                    Path(f).unlink(missing_ok=True)

@@ -8,7 +8,8 @@ Three parts, one ``RUN_DIR/ablation/ablation.json``:
   k = 0 row is the generalist and the k = all row the full evaluation, exactly.
 - **re-clustering ablation**: for each M in ``ablate.counts``, find-subsets, train-specialists
   and evaluate again with M specialists in the sub-run ``ablation/recluster/MNNN/`` (a run
-  directory of its own that shares the generalist): the full cost of each M.
+  directory of its own that shares the generalist): the full cost of each M. Each sub-run is
+  an independent job.
 - **compute-matched control**: the generalist fine-tuned for as many extra training samples as
   all specialists consumed, at the specialists' learning rate: do specialists beat simply
   training longer?
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 from omegaconf import OmegaConf
 
 from ..core.scoring import ablation_counts, score, specialist_order
+from ..engine.executors import Job, as_run, run_jobs
 from ..engine.trainers import split_metrics, train_classifier, train_once
 from ..inference import SpecialistEnsemble
 from ..rundir import Run
@@ -30,8 +32,9 @@ from ..rundir.io import read_json, write_json
 
 log = logging.getLogger("specialists")
 
-# (sub-run config, stage keys) -> the sub-run, its stages done; given by the pipeline
-SubRun = Callable[[object, Sequence[str]], Run]
+# (sub-run config, stage keys) -> the job that runs those stages in that sub-run; given by the pipeline
+SubRun = Callable[[object, Sequence[str]], Job]
+RECLUSTER_STAGES = ("subsets", "specialists", "evaluate")
 
 
 def subset_ablation(run: Run) -> dict:
@@ -63,10 +66,10 @@ def subset_ablation(run: Run) -> dict:
     return {"order": run.cfg.ablate.order, "rows": rows}
 
 
-def recluster_ablation(run: Run, subrun: SubRun) -> list[dict]:
-    """find-subsets + train-specialists + evaluate again for each M in ``ablate.counts``."""
+def recluster_configs(run: Run) -> list:
+    """The sub-run config of each M in ``ablate.counts`` (counts above the class count skipped)."""
     C = run.data.num_classes
-    results = []
+    out = []
     for m in run.cfg.ablate.counts:
         if m > C:
             log.warning("ablation: skipping %d specialists (the data set has only %d classes)", m, C)
@@ -76,20 +79,29 @@ def recluster_ablation(run: Run, subrun: SubRun) -> list[dict]:
         cfg.subsets.num_specialists = m
         if cfg.subsets.mode == "nearest" and cfg.subsets.classes_per_specialist:
             cfg.subsets.classes_per_specialist = min(cfg.subsets.classes_per_specialist, C)
-        sub = subrun(cfg, ("subsets", "specialists", "evaluate"))
-        ev = read_json(sub.evaluation_json)
-        sm = read_json(sub.subsets_metrics)
-        results.append({
-            "num_specialists": m, "num_subsets": sm["num_subsets"],
-            "top1": ev["ensemble"]["top1"], "generalist_top1": ev["generalist"]["top1"],
-            "conditional_count": ev["conditional"]["count"],
-            "conditional_generalist_top1": ev["conditional"]["generalist_top1"],
-            "conditional_ensemble_top1": ev["conditional"]["ensemble_top1"],
-            "adjusted_rand_index": sm.get("adjusted_rand_index"),
-            "train_samples": int(sum(read_json(p)["train_samples"] for p in sub.specialist_metrics_files)),
-            "run_dir": run.rel(sub.dir),
-        })
-    return results
+        out.append(cfg)
+    return out
+
+
+def recluster_row(run: Run, sub: Run) -> dict:
+    """A re-clustering sub-run's row of the ablation (its stages done)."""
+    ev = read_json(sub.evaluation_json)
+    sm = read_json(sub.subsets_metrics)
+    return {
+        "num_specialists": sub.cfg.subsets.num_specialists, "num_subsets": sm["num_subsets"],
+        "top1": ev["ensemble"]["top1"], "generalist_top1": ev["generalist"]["top1"],
+        "conditional_count": ev["conditional"]["count"],
+        "conditional_generalist_top1": ev["conditional"]["generalist_top1"],
+        "conditional_ensemble_top1": ev["conditional"]["ensemble_top1"],
+        "adjusted_rand_index": sm.get("adjusted_rand_index"),
+        "train_samples": int(sum(read_json(p)["train_samples"] for p in sub.specialist_metrics_files)),
+        "run_dir": run.rel(sub.dir),
+    }
+
+
+def control_job(run, extra_samples: int) -> dict:
+    """:func:`compute_matched_control` as an independent job (here, or as a Ray task)."""
+    return compute_matched_control(as_run(run), extra_samples)
 
 
 def compute_matched_control(run: Run, extra_samples: int) -> dict:
@@ -115,13 +127,19 @@ def compute_matched_control(run: Run, extra_samples: int) -> dict:
 
 
 def ablate(run: Run, subrun: SubRun) -> dict:
-    """`specialists ablate`: writes ``ablation/ablation.json`` (and the sub-runs and the control)."""
+    """`specialists ablate`: writes ``ablation/ablation.json``. The re-clustering sub-runs and
+    the compute-matched control are independent jobs (``launch.executor``)."""
     gen = read_json(run.generalist.metrics)
-    result = {"generalist": {"test_top1": gen["test_top1"]}, "subset_ablation": subset_ablation(run),
-              "recluster": recluster_ablation(run, subrun)}
+    result = {"generalist": {"test_top1": gen["test_top1"]}, "subset_ablation": subset_ablation(run)}
+    configs = recluster_configs(run)
+    jobs = [subrun(cfg, RECLUSTER_STAGES) for cfg in configs]
     if run.cfg.ablate.control:
         extra = result["subset_ablation"]["rows"][-1]["train_samples"]
-        result["control"] = compute_matched_control(run, extra)
+        jobs.append(Job("control (generalist trained longer)", control_job, (run, extra)))
+    done = run_jobs(jobs, run.cfg.launch)
+    result["recluster"] = [recluster_row(run, Run(cfg, str(run.device))) for cfg in configs]
+    if run.cfg.ablate.control:
+        result["control"] = done[-1]
         log.info("ablation: control (generalist trained longer) test top-1 %.4f", result["control"]["test_top1"])
     write_json(run.ablation_json, result)
     return result

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,9 +30,10 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from ..engine.executors import Job, as_run
 from ..errors import SpecialistsError
-from ..rundir import Run, config_values
-from ..rundir.io import clean_stale_temp_files
+from ..rundir import Run, config_from_yaml_text, config_values, to_yaml
+from ..rundir.io import clean_stale_temp_files, copy_file
 from . import BY_KEY, STAGES, depends, downstream, upstream_chain
 
 log = logging.getLogger("specialists")
@@ -138,7 +138,8 @@ def run_stage(cfg, key: str, *, force: bool = False, **options) -> dict | None:
         t0 = time.perf_counter()
         log.info("stage %s: starting in %s", key, run.dir)
         if stage.subrun:
-            options["subrun"] = lambda sub_cfg, keys: subrun(run, sub_cfg, keys)
+            options["subrun"] = lambda sub_cfg, keys: Job(f"sub-run {sub_cfg.run_dir}", subrun_job,
+                                                          (run, to_yaml(sub_cfg), tuple(keys)))
         result = stage.run(run, **options) or {}
         seconds = time.perf_counter() - t0
         if result.get("complete", True):
@@ -159,6 +160,12 @@ def run_all(cfg, *, force: bool = False) -> None:
         run_stage(cfg, stage.key, force=force)
 
 
+def subrun_job(parent, sub_config: str, keys: Sequence[str]) -> str:
+    """:func:`subrun` as an independent job (here, or as a Ray task): ``sub_config`` is the
+    sub-run's config as YAML text. Returns the sub-run's directory."""
+    return str(subrun(as_run(parent), config_from_yaml_text(sub_config), keys).dir)
+
+
 def subrun(parent: Run, cfg, keys: Sequence[str]) -> Run:
     """Run stages ``keys`` in the sub-run ``cfg.run_dir`` (e.g. the ablation's re-clustering
     with another number of specialists), which shares ``parent``'s generalist: copied, so the
@@ -168,8 +175,8 @@ def subrun(parent: Run, cfg, keys: Sequence[str]) -> Run:
         src, dst = parent.generalist, sub.generalist
         dst.dir.mkdir(parents=True, exist_ok=True)
         for name in ("weights", "metrics"):
-            shutil.copy2(getattr(src, name), getattr(dst, name))
-        shutil.copy2(parent.data_json, sub.data_json)
+            copy_file(getattr(src, name), getattr(dst, name))
+        copy_file(parent.data_json, sub.data_json)
         sub.save_config()
         sub.manifest.start("generalist", config_values(cfg, depends("generalist")), dst.dir)
         sub.manifest.record_file(sub.data_json)

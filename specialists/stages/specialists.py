@@ -20,6 +20,7 @@ import torch
 from ..core.heads import add_dustbin_shift, analytic_shift, fit_dustbin_shift, local_labels, make_specialist
 from ..data import Batcher, MixedBatches, seeded_batches
 from ..device import prepare_model
+from ..engine.executors import Job, as_run, run_jobs
 from ..engine.fit import fit, predict_logits
 from ..engine.steps import SpecialistPhases
 from ..errors import SpecialistsError
@@ -55,7 +56,8 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> 
     seed = cfg.seed * 1000 + 17 + sid
     step = SpecialistPhases(generalist, S.to(device), C, scfg, mix.steps, cfg.distill.temperature, cfg.distill.loss)
     history = fit(spec, scfg, device=device, state_path=files.state, batches=seeded_batches(train, mix, seed=seed),
-                  steps_per_epoch=mix.steps, step=step, seed=seed, desc=f"specialist {sid:03d} (|S|={len(S)})")
+                  steps_per_epoch=mix.steps, step=step, seed=seed, desc=f"specialist {sid:03d} (|S|={len(S)})",
+                  sync_bn=cfg.train.sync_bn)
 
     # --- dustbin correction (undo the oversampling of S) --------------------------------
     f = len(mix.pos) / len(ds.train)
@@ -118,13 +120,33 @@ def _trained(run: Run, sid: int) -> bool:
     return files.metrics.exists() and files.weights.exists()
 
 
+def specialist_job(run, sid: int, classes: list[int], blocking: bool = True, generalist=None) -> bool:
+    """One specialist as an independent job (here, or as a Ray task): trained under its own
+    lock unless it is trained already. False when ``blocking`` is off and another process holds
+    it."""
+    run = as_run(run)
+    lock = run.lock(f"specialist-{sid:03d}", f"specialist {sid:03d}")
+    if not lock.acquire(blocking):
+        log.info("specialist %03d: %s is training it; coming back to it", sid, lock.holder())
+        return False
+    try:
+        if _trained(run, sid):
+            log.info("specialist %03d: already trained, skipping", sid)
+        else:
+            train_one(run, sid, classes, generalist if generalist is not None else run.load_generalist())
+        return True
+    finally:
+        lock.release()
+
+
 def train(run: Run, only: list[int] | None = None) -> dict:
     """`specialists train-specialists`: every subset's specialist (or those in ``only``),
     skipping finished ones. Complete (``"complete": True``) when every subset's specialist is.
 
     Each specialist is a job with its own lock: processes sharing the run directory split the
-    jobs between them. A job another process holds is left for later; at the end this process
-    waits for it and trains it only if that process died without finishing it.
+    jobs between them (a job another process holds is left for later, then waited for, and
+    trained only if that process died without finishing it). With ``launch.executor=ray``
+    every unfinished specialist is a Ray task.
     """
     subsets = run.load_subsets()
     ids = [s["id"] for s in subsets]
@@ -132,22 +154,14 @@ def train(run: Run, only: list[int] | None = None) -> dict:
         unknown = sorted(set(only) - set(ids))
         if unknown:
             raise SpecialistsError(f"--only names specialist(s) {unknown} but the run has ids {ids[0]}..{ids[-1]}")
-    todo = [s for s in subsets if only is None or s["id"] in only]
-    generalist = run.load_generalist()
-    held = []
-    for blocking, jobs in ((False, todo), (True, held)):
-        for s in jobs:
-            lock = run.lock(f"specialist-{s['id']:03d}", f"specialist {s['id']:03d}")
-            if not lock.acquire(blocking):
-                log.info("specialist %03d: %s is training it; coming back to it", s["id"], lock.holder())
-                held.append(s)
-                continue
-            try:
-                if _trained(run, s["id"]):
-                    log.info("specialist %03d: already trained, skipping", s["id"])
-                else:
-                    train_one(run, s["id"], s["classes"], generalist)
-            finally:
-                lock.release()
+    todo = [s for s in subsets if (only is None or s["id"] in only) and not _trained(run, s["id"])]
+    if run.cfg.launch.executor != "local":
+        run_jobs([Job(f"specialist {s['id']:03d}", specialist_job, (run, s["id"], s["classes"])) for s in todo],
+                 run.cfg.launch)
+    elif todo:
+        generalist = run.load_generalist()  # loaded once for every job of this process
+        held = [s for s in todo if not specialist_job(run, s["id"], s["classes"], False, generalist)]
+        for s in held:
+            specialist_job(run, s["id"], s["classes"], True, generalist)
     done = [i for i in ids if _trained(run, i)]
     return {"complete": len(done) == len(ids), "trained": done}

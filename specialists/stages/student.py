@@ -30,6 +30,7 @@ import torch
 from ..core import metrics
 from ..data.teacher_table import file_sha256, load_teacher_probs, source_train_size
 from ..device import prepare_model
+from ..engine.executors import Job, as_run, run_jobs
 from ..engine.teachers import EnsembleTeacher, GeneralistTeacher, ProbsTeacher
 from ..engine.timing import REPEATS, seconds_per_example, timing_rows
 from ..engine.trainers import split_metrics, split_probs, train_classifier, train_once, train_student
@@ -82,55 +83,66 @@ def _probs_teacher(run: Run) -> tuple[ProbsTeacher, dict]:
     return ProbsTeacher(rows), info
 
 
+def _teacher(run: Run):
+    st = run.cfg.student
+    if st.teacher == "ensemble":
+        return EnsembleTeacher(SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size))
+    if st.teacher == "generalist":
+        return GeneralistTeacher(run.load_generalist(), run.device)
+    return _probs_teacher(run)[0]
+
+
+def student_job(run, which: str) -> list[dict]:
+    """One model of the student stage as an independent job (here, or as a Ray task):
+    ``student`` (from ``student.teacher``), ``born_again`` (the same student taught by the
+    generalist) or ``second_generalist`` (seed + 1). Resumable; returns its history."""
+    run = as_run(run)
+    cfg, C = run.cfg, run.data.num_classes
+    if which == "second_generalist":
+        files = run.second_generalist
+        files.dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + 1)
+        model = run.new_model()
+        return train_once(files, model,
+                          lambda: train_classifier(run, model, cfg.generalist, files.state, seed=cfg.seed + 1,
+                                                   desc="second generalist (seed + 1)"),
+                          lambda: run.save_model(files.weights, model, model=to_dict(cfg.model), num_classes=C,
+                                                 seed=cfg.seed + 1))
+    files = run.student if which == "student" else run.born_again
+    files.dir.mkdir(parents=True, exist_ok=True)
+    teacher = _teacher(run) if which == "student" else GeneralistTeacher(run.load_generalist(), run.device)
+    desc = f"student (teacher: {teacher.name})" if which == "student" else "born-again student (teacher: generalist)"
+    model = new_student(run, cfg.seed)
+    return train_once(files, model,
+                      lambda: train_student(run, model, teacher, files.state, seed=cfg.seed, desc=desc),
+                      lambda: run.save_model(files.weights, model, model=to_dict(student_model_config(cfg)),
+                                             num_classes=C, teacher=teacher.name))
+
+
 def distill(run: Run) -> dict:
-    """`specialists distill`: train the student and its controls; writes ``student/metrics.json``."""
+    """`specialists distill`: train the student and its controls (independent jobs, see
+    ``launch.executor``), then compare them; writes ``student/metrics.json``."""
     cfg, ds, device = run.cfg, run.data, run.device
     st = cfg.student
     probs_info = None
     if st.teacher == "probs":  # validate the table before anything is built or written
-        probs_teacher, probs_info = _probs_teacher(run)
-    files = run.student
-    files.dir.mkdir(parents=True, exist_ok=True)
+        probs_info = _probs_teacher(run)[1]
+    controls = st.controls and st.teacher == "ensemble"
+    kinds = ["student"] + (["born_again", "second_generalist"] if controls else [])
+    names = {"student": "student", "born_again": "born-again student", "second_generalist": "second generalist"}
+    histories = dict(zip(kinds, run_jobs([Job(names[k], student_job, (run, k)) for k in kinds], cfg.launch)))
+    history, ba_history, sg_history = (histories.get(k) for k in ("student", "born_again", "second_generalist"))
+
+    def trained(files, model_cfg=None):
+        return prepare_model(run.load_model(files, ds.num_classes, model_cfg), device, ds.is_image).eval()
+
+    model_cfg = to_dict(student_model_config(cfg))
     generalist = run.load_generalist()
     ens = SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size)
-    teacher = {"ensemble": lambda: EnsembleTeacher(ens), "generalist": lambda: GeneralistTeacher(generalist, device),
-               "probs": lambda: probs_teacher}[st.teacher]()
-    seed = cfg.seed
-    model_cfg = to_dict(student_model_config(cfg))
-
-    # --- the student -------------------------------------------------------------------
-    student = new_student(run, seed)
-    history = train_once(files, student,
-                         lambda: train_student(run, student, teacher, files.state, seed=seed,
-                                               desc=f"student (teacher: {teacher.name})"),
-                         lambda: run.save_model(files.weights, student, model=model_cfg,
-                                                num_classes=ds.num_classes, teacher=teacher.name))
-    student = prepare_model(student, device, ds.is_image).eval()
-
-    # --- the controls ------------------------------------------------------------------
-    born_again = second = None
-    ba_history = sg_history = None
-    if st.controls and st.teacher == "ensemble":
-        ba = run.born_again
-        ba.dir.mkdir(parents=True, exist_ok=True)
-        born_again = new_student(run, seed)
-        ba_teacher = GeneralistTeacher(generalist, device)
-        ba_history = train_once(ba, born_again,
-                                lambda: train_student(run, born_again, ba_teacher, ba.state, seed=seed,
-                                                      desc="born-again student (teacher: generalist)"),
-                                lambda: run.save_model(ba.weights, born_again, model=model_cfg,
-                                                       num_classes=ds.num_classes, teacher="generalist"))
-        born_again = prepare_model(born_again, device, ds.is_image).eval()
-        sg = run.second_generalist
-        sg.dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed + 1)
-        second = run.new_model()
-        sg_history = train_once(sg, second,
-                                lambda: train_classifier(run, second, cfg.generalist, sg.state, seed=seed + 1,
-                                                         desc="second generalist (seed + 1)"),
-                                lambda: run.save_model(sg.weights, second, model=to_dict(cfg.model),
-                                                       num_classes=ds.num_classes, seed=seed + 1))
-        second = prepare_model(second, device, ds.is_image).eval()
+    student = trained(run.student, student_model_config(cfg))
+    born_again = trained(run.born_again, student_model_config(cfg)) if controls else None
+    second = trained(run.second_generalist) if controls else None
+    teacher_name = st.teacher
 
     # --- test metrics --------------------------------------------------------------------
     y = ds.test.y
@@ -142,7 +154,7 @@ def distill(run: Run) -> dict:
     top1 = {"generalist": ev.get("generalist", metrics.accuracy(p_gen, y)),
             "ensemble": ev.get("ensemble", metrics.accuracy(p_ens, y)),
             "student": final["test_top1"]}
-    teacher_test = {"ensemble": p_ens, "generalist": p_gen}.get(teacher.name)
+    teacher_test = {"ensemble": p_ens, "generalist": p_gen}.get(teacher_name)
     control: dict = {}
     probs = {"student": p_student}
     if born_again is not None:
@@ -158,7 +170,7 @@ def distill(run: Run) -> dict:
         probs["two_generalists"] = (p_gen + p_second) / 2
         top1["two_generalists"] = metrics.accuracy(probs["two_generalists"], y)
         control["second_generalist"] = {
-            "seed": seed + 1, "test_top1": metrics.accuracy(p_second, y), "test_top5": metrics.accuracy(p_second, y, 5),
+            "seed": cfg.seed + 1, "test_top1": metrics.accuracy(p_second, y), "test_top5": metrics.accuracy(p_second, y, 5),
             "test_nll": metrics.nll(p_second, y), "history": sg_history}
         control["two_generalist_average"] = {
             "test_top1": top1["two_generalists"], "test_top5": metrics.accuracy(probs["two_generalists"], y, 5),
@@ -177,7 +189,7 @@ def distill(run: Run) -> dict:
     secs = seconds_per_example(fns, x_time, bs, REPEATS)
 
     names = {"generalist": "generalist", "ensemble": "routed ensemble (generalist + specialists)",
-             "student": f"student of the {'ensemble' if teacher.name == 'ensemble' else teacher.name + ' teacher'}",
+             "student": f"student of the {'ensemble' if teacher_name == 'ensemble' else teacher_name + ' teacher'}",
              "born_again": "born-again student (teacher: generalist)",
              "two_generalists": "two-generalist average (second seed)"}
     comparisons = {k: {"name": names[k], "test_top1": top1[k], "seconds_per_example": secs.get(k)}
@@ -201,7 +213,7 @@ def distill(run: Run) -> dict:
     st_epoch = _median_epoch_seconds(history)
     result = {
         **final,
-        "teacher": teacher.name,
+        "teacher": teacher_name,
         "teacher_probs": probs_info,
         "model": model_cfg,
         "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha, "loss": cfg.distill.loss,
@@ -224,8 +236,8 @@ def distill(run: Run) -> dict:
         "gain_over_born_again": gain,
         "history": history,
     }
-    write_json(files.metrics, result)
+    write_json(run.student.metrics, result)
     log.info("student (teacher %s): test top-1 %.4f (generalist %.4f, ensemble %.4f), agreement with teacher %s",
-             teacher.name, top1["student"], top1["generalist"], top1["ensemble"],
+             teacher_name, top1["student"], top1["generalist"], top1["ensemble"],
              f"{result['agreement_with_teacher']:.4f}" if result["agreement_with_teacher"] is not None else "-")
     return result
