@@ -24,7 +24,7 @@ def model_cfg(name: str, width=None):
 
 
 def supports_vectors(name: str) -> bool:
-    return name == "mlp"
+    return name in ("linear", "mlp")
 
 
 def forward_backward(model: nn.Module, shape: tuple, batch: int = 3):

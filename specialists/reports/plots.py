@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless; Figure below does not need pyplot, but be explicit
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from ..rundir.io import atomic_write
 
 
-def _save_png(fig: Figure, path) -> Path:
+def _figure(**kwargs):
+    """A new ``matplotlib.figure.Figure`` (matplotlib imported on first use: it takes 0.4 s)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _save_png(fig, path) -> Path:
     """Render ``fig`` to ``path`` atomically (temp file + ``os.replace``)."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
@@ -118,7 +120,9 @@ def plot_covariance(matrix, subsets, path, class_names=None, title=None, max_pix
 
     small = c <= 60
     size = 9.0 if small else 8.0
-    fig = Figure(figsize=(size + 1.2, size), dpi=150 if not small else 110)
+    from matplotlib.patches import Rectangle
+
+    fig = _figure(figsize=(size + 1.2, size), dpi=150 if not small else 110)
     ax = fig.add_subplot(1, 1, 1)
     # extent in class positions, so subset outlines need no rescaling after downsampling.
     im = ax.imshow(img, cmap="RdBu_r", vmin=-vmax, vmax=vmax, extent=(0, c, c, 0),
@@ -158,7 +162,7 @@ def plot_covariance(matrix, subsets, path, class_names=None, title=None, max_pix
 
 def plot_curves(history: list[dict], path, title: str | None = None) -> Path:
     """Training curves: train loss (left axis) and val/test top-1 (right axis) per epoch."""
-    fig = Figure(figsize=(6.4, 4))
+    fig = _figure(figsize=(6.4, 4))
     ax = fig.add_subplot(1, 1, 1)
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], "k-", label="train loss")
@@ -183,7 +187,7 @@ def plot_ablation(a: dict, path, title: str | None = None) -> Path:
     """Ensemble top-1 and conditional accuracy against the number of specialists (subset
     ablation as lines, re-clustering runs as markers), with the generalist and the
     compute-matched control as horizontal references."""
-    fig = Figure(figsize=(7, 4.2))
+    fig = _figure(figsize=(7, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     rows = a["subset_ablation"]["rows"]
     ks = [r["k"] for r in rows]
@@ -219,7 +223,7 @@ def plot_by_coverage(rows: list[dict], path, title: str | None = None) -> Path:
     ``rows``: ``evaluation.json``'s ``by_coverage`` ({covered, label, count,
     generalist_correct, ensemble_correct}); empty groups are drawn as gaps.
     """
-    fig = Figure(figsize=(max(5.0, 1.0 + 0.9 * len(rows)), 4.2))
+    fig = _figure(figsize=(max(5.0, 1.0 + 0.9 * len(rows)), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(rows))
     n = np.array([r["count"] for r in rows], dtype=float)
@@ -257,7 +261,7 @@ def plot_specialists(rows: list[dict], path, title: str | None = None) -> Path:
     ``rows``: ``evaluation.json``'s ``per_specialist`` ({id, routed, change, subset_top1,
     generalist_subset_top1}).
     """
-    fig = Figure(figsize=(max(5.0, 1.2 + 0.45 * len(rows)), 4.0))
+    fig = _figure(figsize=(max(5.0, 1.2 + 0.45 * len(rows)), 4.0))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(rows))
 
