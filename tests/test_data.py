@@ -34,9 +34,13 @@ from specialists.rundir.config import DataConfig
 
 
 def raw_of(**kw):
-    """What the registry entry returns (before splitting)."""
+    """What the registry entry returns (before splitting), decoded as data.storage=memory does
+    when the entry reads its images lazily."""
     cfg = DataConfig(**kw)
-    return DATASETS[cfg.name].loader(cfg)
+    raw = DATASETS[cfg.name].loader(cfg)
+    if raw.x_train is None:
+        raw.x_train, raw.x_test = raw.decode(cfg.resize)
+    return raw
 
 
 def one_line_error(cfg: DataConfig, *fragments: str) -> str:
@@ -330,15 +334,17 @@ def test_imagefolder_single_tree_grayscale_resize_and_holdout(tmp_path):
             size = (5, 5) if i % 2 else (9, 6)
             _png(tmp_path / c / f"{i:02d}.png", rng.integers(0, 256, size, dtype=np.uint8))
     cfg = DataConfig(name="imagefolder", path=str(tmp_path), resize=8)
-    raw = DATASETS["imagefolder"].loader(cfg)
+    raw = raw_of(name="imagefolder", path=str(tmp_path), resize=8)
     assert raw.x_train.shape == (16, 1, 8, 8) and raw.x_test.shape == (4, 1, 8, 8)
     assert sorted(raw.y_test.tolist()) == [0, 0, 1, 1]  # stratified 20% held out
-    again = DATASETS["imagefolder"].loader(cfg)
+    again = raw_of(name="imagefolder", path=str(tmp_path), resize=8)
     assert np.array_equal(raw.x_test, again.x_test) and np.array_equal(raw.y_train, again.y_train)
     ds = build_dataset(cfg)
     assert ds.augment == "none" and ds.input_shape == (1, 8, 8) and ds.class_names == ["a", "b"]
-    # without resize, mixed sizes are an error naming the first odd file
-    one_line_error(DataConfig(name="imagefolder", path=str(tmp_path)), "01.png", "data.resize")
+    # without resize, mixed sizes cannot be held in memory: an error naming the first odd file;
+    # streamed (auto), they need a resolution
+    one_line_error(DataConfig(name="imagefolder", path=str(tmp_path), storage="memory"), "01.png", "data.resize")
+    one_line_error(DataConfig(name="imagefolder", path=str(tmp_path)), "data.resize")
 
 
 def test_imagefolder_bad_inputs(tmp_path):

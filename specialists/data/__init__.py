@@ -20,7 +20,8 @@ from .registry import (
     register,
     stratified_split,
 )
+from .stream import STORAGES, StreamBatcher
 
-__all__ = ["AUGMENTATIONS", "DATASETS", "HELD_IN_SPLITS", "Batcher", "Dataset", "DatasetEntry", "EpochBatches",
+__all__ = ["AUGMENTATIONS", "DATASETS", "STORAGES", "StreamBatcher", "HELD_IN_SPLITS", "Batcher", "Dataset", "DatasetEntry", "EpochBatches",
            "MixedBatches", "Preprocessing", "RawData", "Split", "build_dataset", "epoch_generator", "register",
            "seeded_batches", "stratified_split"]

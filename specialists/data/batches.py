@@ -104,6 +104,14 @@ class Batcher:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
+    def stream(self, index_batches, augment: bool, generator, shard: tuple[int, int]):
+        """Yield (x, y, idx) for each index batch (this rank's share of it), drawing from
+        ``generator`` batch by batch."""
+        rank, ranks = shard
+        for idx in index_batches:
+            x, y = self.batch(idx, augment, generator, shard)
+            yield x, y, idx[rank * len(idx) // ranks:(rank + 1) * len(idx) // ranks]
+
     def iterate(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The whole split once, in order, un-augmented: (x, y) batches (for evaluation)."""
         for start in range(0, self.n, batch_size):
@@ -176,12 +184,10 @@ def seeded_batches(batcher: Batcher, sampler, *, seed: int, stream: int = 0, aug
     batch (the batch size stays the global one); by default this process's place in a
     torchrun run, which in one process is the whole batch.
     """
-    rank, ranks = shard = shard or world()
+    shard = shard or world()
 
     def batches(epoch: int):
         g = epoch_generator(seed, epoch + epoch_offset, stream)
-        for idx in sampler.epoch(g):
-            x, y = batcher.batch(idx, augment, g, shard)
-            yield x, y, idx[rank * len(idx) // ranks:(rank + 1) * len(idx) // ranks]
+        yield from batcher.stream(sampler.epoch(g), augment, g, shard)
 
     return batches

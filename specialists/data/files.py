@@ -328,10 +328,10 @@ def _scan_tree(root: Path, classes: List[str], require_all: bool):
     return files, np.asarray(labels, np.int64)
 
 
-def _read_images(files: List[Path], resize: Optional[int]) -> np.ndarray:
+def _headers(files: List[Path]) -> tuple[list, list]:
+    """Every image's colour mode and (W, H), from its header alone (nothing decoded)."""
     from PIL import Image, UnidentifiedImageError
 
-    # pass 1: headers only (mode and size), so the colour mode and sizes are known up front
     modes, sizes = [], []
     for f in files:
         try:
@@ -340,32 +340,55 @@ def _read_images(files: List[Path], resize: Optional[int]) -> np.ndarray:
                 sizes.append(im.size)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise SpecialistsError(f"{f}: cannot read image ({one_line(e)})") from None
-    gray = all(m in GRAY_MODES for m in modes)
-    mode, channels = ("L", 1) if gray else ("RGB", 3)
+    return modes, sizes
+
+
+def open_image(path, mode: str):
+    """One image file in ``mode`` (``RGB`` or ``L``; wide grayscale scaled to 0..255)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+                return Image.fromarray(np.rint(a / top * 255).clip(0, 255).astype(np.uint8))
+            return im.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise SpecialistsError(f"{path}: cannot read image ({one_line(e)})") from None
+
+
+class FileSource:
+    """Image files, read when asked (a streamed split): ``image(i)`` is a PIL image in ``mode``."""
+
+    def __init__(self, files: list, mode: str):
+        self.files, self.mode = [str(f) for f in files], mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, i: int):
+        return open_image(self.files[i], self.mode)
+
+
+def _decode(files: List[Path], sizes: list, mode: str, channels: int, resize: Optional[int]) -> np.ndarray:
+    """Every image decoded into one uint8 array (N, C, H, W), resized to a square when asked."""
+    from PIL import Image
+
     if resize:
         w = h = int(resize)
     else:
         w, h = sizes[0]
-        for f, s in zip(files, sizes):
-            if s != (w, h):
-                raise SpecialistsError(f"{f}: image is {s[0]}x{s[1]} but {files[0].name} is {w}x{h}; "
+        for f, size in zip(files, sizes):
+            if size != (w, h):
+                raise SpecialistsError(f"{f}: image is {size[0]}x{size[1]} but {files[0].name} is {w}x{h}; "
                                        "set data.resize=N to resize all images to NxN")
     out = np.empty((len(files), h, w, channels), np.uint8)
     for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
-                    a = np.asarray(im, dtype=np.float64)  # wide grayscale: scale to 0..255
-                    top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
-                    im2 = Image.fromarray(np.rint(a / top * 255).clip(0, 255).astype(np.uint8))
-                else:
-                    im2 = im.convert(mode)
-                if resize and im2.size != (w, h):
-                    im2 = im2.resize((w, h), Image.Resampling.BILINEAR)
-                a = np.asarray(im2, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            raise SpecialistsError(f"{f}: cannot read image ({one_line(e)})") from None
-        out[i] = a.reshape(h, w, channels)
+        im = open_image(f, mode)
+        if resize and im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(im, dtype=np.uint8).reshape(h, w, channels)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # NCHW
 
 
@@ -386,8 +409,6 @@ def load_imagefolder(cfg) -> RawData:
         f_te, y_te = _scan_tree(test_dir, classes, require_all=False)
         if not f_te:
             raise SpecialistsError(f"{test_dir}: no test images")
-        x = _read_images(f_tr + f_te, cfg.resize)
-        x_tr, x_te = x[: len(f_tr)], x[len(f_tr):]
     else:
         classes = _class_dirs(root)
         if not classes:
@@ -396,11 +417,20 @@ def load_imagefolder(cfg) -> RawData:
         if min(np.bincount(y, minlength=len(classes))) < 2:
             c = classes[int(np.argmin(np.bincount(y, minlength=len(classes))))]
             raise SpecialistsError(f"{root / c}: needs at least 2 images to hold one out for testing")
-        x = _read_images(files, cfg.resize)
         tr, te = stratified_split(y, TEST_FRACTION, TEST_SEED)
-        x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
+        f_tr, y_tr, f_te, y_te = [files[i] for i in tr], y[tr], [files[i] for i in te], y[te]
+    modes, sizes = _headers(f_tr + f_te)
+    mode, channels = ("L", 1) if all(m in GRAY_MODES for m in modes) else ("RGB", 3)
+    side = int(cfg.resize) if cfg.resize else min(min(wh) for wh in sizes)
+
+    def decode(resize):
+        x = _decode(f_tr + f_te, sizes, mode, channels, resize)
+        return x[: len(f_tr)], x[len(f_tr):]
+
     return RawData(
-        x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+        x_train=None, y_train=y_tr, x_test=None, y_test=y_te,
         class_names=classes, num_classes=len(classes),
-        default_augment=_augment_for(*x_tr.shape[1:]),
+        default_augment=_augment_for(channels, side, side),
+        train_source=FileSource(f_tr, mode), test_source=FileSource(f_te, mode),
+        channels=channels, sizes=sizes, decode=decode,
     )

@@ -1,16 +1,18 @@
 """Data set types and the one data registry.
 
-Every data set is held in memory as tensors: images as uint8 ``(N, C, H, W)``, vectors as
-float32 ``(N, D)``. A registry entry (``@register(name)``, see ``synthetic.py``, ``files.py``
-and ``torchvision_sets.py``) only has to produce a :class:`RawData` (train and test arrays,
-optional coarse labels and names); :func:`build_dataset` then carves the seeded, stratified
-validation split, applies ``data.max_train``, and computes the normalization that
-:meth:`Dataset.preprocessing` records for inference.
+A data set is held in memory as tensors (images uint8 ``(N, C, H, W)``, vectors float32
+``(N, D)``) or streamed (each split an image source and its labels, read by DataLoader workers:
+:mod:`specialists.data.stream`), by ``data.storage``. A registry entry (``@register(name)``, see
+``synthetic.py``, ``files.py`` and ``torchvision_sets.py``; or ``data.name=python:module:function``,
+``user.py``) only has to produce a :class:`RawData`; :func:`build_dataset` then chooses the
+storage, carves the seeded, stratified validation split, applies ``data.max_train``, and
+computes the normalization that :meth:`Dataset.preprocessing` records for inference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -18,17 +20,25 @@ import torch
 
 from ..errors import SpecialistsError
 
+log = logging.getLogger("specialists")
+
 SPLITS = ("train", "val", "test")
 HELD_IN_SPLITS = ("val", "train")  # what a model may be fitted or clustered on: never test
 
 
 @dataclass
 class RawData:
-    """What a registry loader returns. Images uint8 NCHW, vectors float32 (N, D)."""
+    """What a registry loader returns: arrays (images uint8 NCHW, vectors float32 (N, D)), or,
+    for data read lazily, the labels and a source of each split's images (``x_*`` None).
 
-    x_train: np.ndarray
+    A lazy loader also gives the images' ``channels`` and ``sizes`` ((W, H) of each image, when
+    known without decoding), and ``decode(resize) -> (x_train, x_test)`` when its images can be
+    decoded into arrays (``data.storage=memory``).
+    """
+
+    x_train: Optional[np.ndarray]
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: Optional[np.ndarray]
     y_test: np.ndarray
     class_names: Optional[List[str]] = None
     y_train_coarse: Optional[np.ndarray] = None
@@ -36,16 +46,23 @@ class RawData:
     coarse_names: Optional[List[str]] = None
     num_classes: Optional[int] = None  # default: max label + 1
     default_augment: Optional[str] = None  # overrides the entry's default (e.g. by channel count)
+    train_source: object = None  # lazy: an image source (see specialists.data.stream)
+    test_source: object = None
+    channels: Optional[int] = None
+    sizes: Optional[List[tuple]] = None  # lazy: (W, H) of every train and test image, in order
+    decode: Optional[Callable] = None  # lazy: resize -> (x_train, x_test) uint8 NCHW
 
 
 @dataclass
 class Split:
-    """One split. ``x``: uint8 (N, C, H, W) or float32 (N, D); ``y``: int64 (N,)."""
+    """One split. ``x``: uint8 (N, C, H, W) or float32 (N, D) (None when streamed: ``source``
+    reads the examples); ``y``: int64 (N,)."""
 
-    x: torch.Tensor
+    x: Optional[torch.Tensor]
     y: torch.Tensor
     y_coarse: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None  # position of each example in the source's training order
+    source: object = None  # streamed: example i of the split is source.image(i)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -66,6 +83,25 @@ class Dataset:
     crop_padding: int = 4
     coarse_names: Optional[List[str]] = None
     fine_to_coarse: Optional[List[int]] = None
+    storage: str = "memory"  # memory | stream
+    workers: int = 0  # stream: DataLoader workers
+    _batchers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def resolution(self) -> int:
+        """The side of a streamed image (C, R, R)."""
+        return int(self.input_shape[-1])
+
+    def batcher(self, split: "Split", device):
+        """The batcher of one split on ``device`` (one per split and device: a streamed split's
+        loader keeps its worker processes between passes)."""
+        from .batches import Batcher
+        from .stream import StreamBatcher
+
+        key = (id(split), str(device))
+        if key not in self._batchers:
+            self._batchers[key] = (StreamBatcher if self.storage == "stream" else Batcher)(self, split, device)
+        return self._batchers[key]
 
     @property
     def is_image(self) -> bool:
@@ -197,17 +233,79 @@ def _check_every_class_trains(y_train: np.ndarray, y_test: np.ndarray, num_class
                                "(every class needs some; check the labels, or data.max_train)")
 
 
-def build_dataset(data_cfg) -> Dataset:
-    """Load ``data_cfg.name`` through the registry and return train/val/test splits."""
-    if data_cfg.name not in DATASETS:
-        raise SpecialistsError(f"unknown data set '{data_cfg.name}' (known: {', '.join(sorted(DATASETS))})")
-    entry = DATASETS[data_cfg.name]
+def image_stats(x: torch.Tensor) -> tuple[list, list]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units: the normalization
+    of both storages."""
+    xf = x.float().div_(255)
+    return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+# Loading into memory peaks at about this many times the decoded bytes: the decoded, transposed
+# and split copies of the uint8 array, and the float32 copy the normalization statistics take.
+MEMORY_PEAK = 6
+
+
+def _storage(data_cfg, raw: RawData, is_image: bool, where: str) -> str:
+    """``data.storage`` resolved: memory when loading the decoded splits fits the budget (and
+    they can be decoded at one size), else stream."""
+    want = data_cfg.storage
+    if not is_image:
+        if want == "stream":
+            raise SpecialistsError(f"{where}: vectors are always held in memory (data.storage=stream is for images)")
+        return "memory"
+    if raw.x_train is not None:
+        nbytes = raw.x_train.nbytes + raw.x_test.nbytes
+        one_size = True
+    else:
+        sizes = raw.sizes or []
+        one_size = bool(sizes) and (data_cfg.resize is not None or len(set(sizes)) == 1) and raw.decode is not None
+        side = data_cfg.resize
+        pixels = sum((side * side) if side else w * h for w, h in sizes) if sizes else float("inf")
+        nbytes = pixels * (raw.channels or 3)
+    fits = one_size and nbytes * MEMORY_PEAK <= data_cfg.memory_budget_gb * 2**30
+    if want == "memory" and raw.decode is None and raw.x_train is None:
+        raise SpecialistsError(f"{where}: its images are read one by one; use data.storage=stream (or auto)")
+    if want == "auto":
+        want = "memory" if fits else "stream"
+        log.info("data: %s storage (the decoded splits take %.2f GB, %.2f GB at the peak of loading; "
+                 "data.memory_budget_gb=%g)", want, nbytes / 2**30, nbytes * MEMORY_PEAK / 2**30,
+                 data_cfg.memory_budget_gb)
+    return want
+
+
+def _resolution(data_cfg, raw: RawData, hint: Optional[int], where: str) -> int:
+    """A streamed image's side: data.resize, else the model's declared size, else the images'."""
+    if data_cfg.resize:
+        return int(data_cfg.resize)
+    if hint:
+        return int(hint)
+    if raw.sizes:
+        sizes = raw.sizes
+    elif raw.x_train is not None:
+        sizes = [tuple(raw.x_train.shape[-1:-3:-1])]
+    else:  # a user's data set: its first image speaks for all (set data.resize when they differ)
+        from .stream import presets
+
+        sizes = [tuple(presets(1, "none")[1].transforms[0](raw.train_source.image(0)).shape[-1:-3:-1])]
+    if len(set(sizes)) == 1 and sizes[0][0] == sizes[0][1]:
+        return int(sizes[0][0])
+    raise SpecialistsError(f"{where}: the images are not all one square size; set data.resize=N")
+
+
+def build_dataset(data_cfg, resolution_hint: Optional[int] = None) -> Dataset:
+    """Load ``data_cfg.name`` through the registry and return train/val/test splits, held in
+    memory or streamed (``data.storage``). ``resolution_hint``: the input size a model declares
+    (a streamed data set's resolution when ``data.resize`` is not set)."""
+    entry = _entry(data_cfg)
     raw: RawData = entry.loader(data_cfg)
     where = f"data set '{data_cfg.name}'"
 
     y_train = _check_labels(raw.y_train, where + " y_train")
     y_test = _check_labels(raw.y_test, where + " y_test")
-    if len(raw.x_train) != len(y_train) or len(raw.x_test) != len(y_test):
+    lazy = raw.x_train is None
+    n_train = len(raw.train_source) if lazy else len(raw.x_train)
+    n_test = len(raw.test_source) if lazy else len(raw.x_test)
+    if n_train != len(y_train) or n_test != len(y_test):
         raise SpecialistsError(f"{where}: x and y have different lengths")
     if len(y_train) < 2 or len(y_test) < 1:
         raise SpecialistsError(f"{where}: too few examples (train {len(y_train)}, test {len(y_test)})")
@@ -220,18 +318,27 @@ def build_dataset(data_cfg) -> Dataset:
     if num_classes < 2:
         raise SpecialistsError(f"{where}: only one class; a classifier needs at least two")
 
-    if raw.x_train.dtype == np.uint8:
-        x_train, x_test = _to_images(raw.x_train, where), _to_images(raw.x_test, where)
-        is_image = True
+    is_image = lazy or raw.x_train.dtype == np.uint8
+    storage = _storage(data_cfg, raw, is_image, where)
+    if storage == "memory" and lazy:
+        raw.x_train, raw.x_test = raw.decode(data_cfg.resize)
+    if storage == "memory":
+        if is_image:
+            x_train, x_test = _to_images(raw.x_train, where), _to_images(raw.x_test, where)
+        else:
+            x_train = np.asarray(raw.x_train, np.float32).reshape(len(y_train), -1)
+            x_test = np.asarray(raw.x_test, np.float32).reshape(len(y_test), -1)
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise SpecialistsError(f"{where}: train and test inputs differ in shape ({x_train.shape[1:]} vs "
+                                   f"{x_test.shape[1:]})")
+        if not is_image:
+            for split, x in (("x_train", x_train), ("x_test", x_test)):
+                _check_finite(x, f"{where} {split}")
     else:
-        x_train = np.asarray(raw.x_train, np.float32).reshape(len(y_train), -1)
-        x_test = np.asarray(raw.x_test, np.float32).reshape(len(y_test), -1)
-        is_image = False
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise SpecialistsError(f"{where}: train and test inputs differ in shape ({x_train.shape[1:]} vs {x_test.shape[1:]})")
-    if not is_image:
-        for split, x in (("x_train", x_train), ("x_test", x_test)):
-            _check_finite(x, f"{where} {split}")
+        from .stream import ArraySource
+
+        train_source = raw.train_source or ArraySource(_to_images(raw.x_train, where))
+        test_source = raw.test_source or ArraySource(_to_images(raw.x_test, where))
 
     order = np.arange(len(y_train))
     if data_cfg.max_train is not None and data_cfg.max_train < len(y_train):
@@ -251,32 +358,40 @@ def build_dataset(data_cfg) -> Dataset:
             mapping[y_test] = _check_labels(raw.y_test_coarse, where + " y_test_coarse")
         fine_to_coarse = mapping.tolist()
 
-    def split(x, y, idx, coarse):
+    def split(x, source, y, idx, coarse):
+        from .stream import Subset
+
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
         return Split(
-            x=t(x[idx]),
+            x=t(x[idx]) if x is not None else None,
             y=t(y[idx]),
             y_coarse=None if coarse is None else t(np.asarray(coarse, np.int64)[idx]),
             index=t(np.asarray(idx, np.int64)),
+            source=Subset(source, idx) if source is not None else None,
         )
 
-    train = split(x_train, y_train, tr_idx, raw.y_train_coarse)
-    val = split(x_train, y_train, va_idx, raw.y_train_coarse)
-    test = split(x_test, y_test, np.arange(len(y_test)), raw.y_test_coarse)
-
-    # Normalization from the training split only (never from test).
-    if is_image:
-        xf = train.x.float().div_(255)
-        mean = xf.mean(dim=(0, 2, 3)).tolist()
-        std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-        del xf
-    else:
-        mean = train.x.mean(0).tolist()
-        std = train.x.std(0).clamp_min(1e-6).tolist()
+    streamed = storage == "stream"
+    xs = (None, None) if streamed else (x_train, x_test)
+    srcs = (train_source, test_source) if streamed else (None, None)
+    train = split(xs[0], srcs[0], y_train, tr_idx, raw.y_train_coarse)
+    val = split(xs[0], srcs[0], y_train, va_idx, raw.y_train_coarse)
+    test = split(xs[1], srcs[1], y_test, np.arange(len(y_test)), raw.y_test_coarse)
 
     augment = data_cfg.augment
     if augment == "auto":
         augment = (raw.default_augment or entry.default_augment) if is_image else "none"
+    # Normalization from the training split only (never from test).
+    if streamed:
+        side = _resolution(data_cfg, raw, resolution_hint, where)
+        mean, std = _stream_stats(train, side, augment, data_cfg.split_seed)
+        input_shape = (int(_channels(raw, train)), side, side)
+    elif is_image:
+        mean, std = image_stats(train.x)
+        input_shape = tuple(x_train.shape[1:])
+    else:
+        mean = train.x.mean(0).tolist()
+        std = train.x.std(0).clamp_min(1e-6).tolist()
+        input_shape = tuple(x_train.shape[1:])
     names = names if names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise SpecialistsError(f"{where}: {len(names)} class names for {num_classes} classes")
@@ -287,11 +402,52 @@ def build_dataset(data_cfg) -> Dataset:
         test=test,
         num_classes=num_classes,
         class_names=names,
-        input_shape=tuple(x_train.shape[1:]),
+        input_shape=input_shape,
         mean=mean,
         std=std,
         augment=augment,
         crop_padding=data_cfg.crop_padding,
         coarse_names=list(raw.coarse_names) if raw.coarse_names is not None else None,
         fine_to_coarse=fine_to_coarse,
+        storage=storage,
+        workers=int(data_cfg.workers) if streamed else 0,
     )
+
+
+def _channels(raw: RawData, train: Split) -> int:
+    if raw.channels:
+        return raw.channels
+    from .stream import presets
+
+    return int(presets(8, "none")[1](train.source.image(0)).shape[0])
+
+
+def _stream_stats(train: Split, side: int, augment: str, seed: int, chunk: int = 256) -> tuple[list, list]:
+    """Mean and std of the training images at ``side`` (a seeded sample of STAT_SAMPLE of them),
+    from float64 sums over chunks: memory stays bounded."""
+    from .stream import STAT_SAMPLE, presets
+
+    n = len(train)
+    rows = np.arange(n) if n <= STAT_SAMPLE else np.sort(np.random.default_rng(seed).choice(n, STAT_SAMPLE, False))
+    evaluate = presets(side, augment)[1]
+    s1 = s2 = 0.0
+    count = 0
+    for start in range(0, len(rows), chunk):
+        x = torch.stack([evaluate(train.source.image(int(i))) for i in rows[start:start + chunk]]).double() / 255
+        s1, s2 = s1 + x.sum(dim=(0, 2, 3)), s2 + (x * x).sum(dim=(0, 2, 3))
+        count += x.numel() // x.shape[1]
+    mean = s1 / count
+    std = ((s2 - count * mean * mean) / (count - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
+    return mean.float().tolist(), std.float().tolist()
+
+
+def _entry(data_cfg) -> DatasetEntry:
+    name = str(data_cfg.name)
+    if name.startswith("python:"):
+        from .user import python_entry
+
+        return python_entry(name)
+    if name not in DATASETS:
+        raise SpecialistsError(f"unknown data set '{name}' (known: {', '.join(sorted(DATASETS))}, or "
+                               "python:module:function)")
+    return DATASETS[name]

@@ -9,8 +9,6 @@ naming the first bad row. The table is memory-mapped and checked in chunks.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from ..errors import SpecialistsError, one_line
@@ -85,11 +83,3 @@ def load_teacher_probs(path, num_rows: int, num_classes: int, exact_rows: bool =
                 problem = f"a sum of {sums[r]:.6g}, not 1 within {PROB_TOLERANCE:g}"
             raise SpecialistsError(f"{where}: row {row} has {problem} (first bad row {row})")
     return table
-
-
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

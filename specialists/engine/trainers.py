@@ -14,10 +14,11 @@ from typing import Callable
 import torch
 
 from ..core import metrics
-from ..data import Batcher, EpochBatches, seeded_batches
+from ..data import EpochBatches, seeded_batches
 from ..device import prepare_model
+from ..models import load_classifier, load_pretrained
 from ..rundir import ModelFiles, Run
-from ..rundir.io import load_weights, read_json, write_json
+from ..rundir.io import file_sha256, load_weights, read_json, write_json
 from .fit import fit, predict_logits
 from .steps import Distill, HardLabels
 
@@ -26,9 +27,24 @@ log = logging.getLogger("specialists")
 STUDENT_STREAM = 1  # epoch_generator stream of the students' batches (the generalist's: 0)
 
 
+def initial_weights(run: Run, model, from_init: bool = False) -> dict:
+    """Load what the config asks a new generalist to start from: ``model.pretrained`` (a
+    backbone), then, with ``from_init``, ``generalist.init`` (a whole trained classifier).
+    Returns what was loaded, for the generalist's metrics (with each file's sha256)."""
+    out = {}
+    if run.cfg.model.pretrained:
+        out["pretrained"] = {**load_pretrained(model, run.cfg.model.pretrained),
+                             "sha256": file_sha256(Path(run.cfg.model.pretrained).expanduser())}
+    if from_init and run.cfg.generalist.init:
+        out["init"] = {**load_classifier(model, run.cfg.generalist.init),
+                       "sha256": file_sha256(Path(run.cfg.generalist.init).expanduser())}
+        log.info("generalist.init: started from %s", run.cfg.generalist.init)
+    return out
+
+
 def split_probs(run: Run, model: torch.nn.Module, split: str, batch_size: int = 1024) -> torch.Tensor:
     """``model``'s probabilities (N, C) float32 on the CPU over one split of the run's data."""
-    batcher = Batcher(run.data, run.data.split(split), run.device)
+    batcher = run.data.batcher(run.data.split(split), run.device)
     return torch.softmax(predict_logits(model, batcher, batch_size), 1)
 
 
@@ -57,7 +73,7 @@ def train_classifier(run: Run, model: torch.nn.Module, tcfg, state_path: Path | 
     ds = run.data
     model = prepare_model(model, run.device, ds.is_image)
     sampler = EpochBatches(len(ds.train), tcfg.batch_size)
-    batches = seeded_batches(Batcher(ds, ds.train, run.device), sampler, seed=seed, epoch_offset=epoch_offset)
+    batches = seeded_batches(ds.batcher(ds.train, run.device), sampler, seed=seed, epoch_offset=epoch_offset)
     return fit(model, tcfg, device=run.device, state_path=state_path, batches=batches,
                steps_per_epoch=sampler.steps, step=HardLabels(tcfg.label_smoothing),
                evaluate=_evaluator(run, eval_splits, tcfg.eval_batch_size), seed=seed, desc=desc,
@@ -68,7 +84,7 @@ def student_batches(run: Run, batch_size: int, seed: int, augment: bool):
     """``(batches(epoch), steps)``: the seeded, shuffled batches every student and control of a
     run shares (augmented unless ``augment`` is False)."""
     sampler = EpochBatches(len(run.data.train), batch_size)
-    batcher = Batcher(run.data, run.data.train, run.device)
+    batcher = run.data.batcher(run.data.train, run.device)
     return seeded_batches(batcher, sampler, seed=seed, stream=STUDENT_STREAM, augment=augment), sampler.steps
 
 

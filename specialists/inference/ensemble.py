@@ -136,9 +136,15 @@ class SpecialistEnsemble(Predictor):
     def components_all(self, x, normalized: bool = False) -> tuple[Tensor, list[Tensor], Tensor]:
         """``components`` over a whole array, in chunks of ``batch_size``: p_general (N, C),
         [p_m (N, |S_m| + 1)], active (N, M), on the device."""
+        return self.components_over(self.preprocess(x[i:i + self.batch_size], normalized)
+                                    for i in range(0, len(x), self.batch_size))
+
+    @torch.inference_mode()
+    def components_over(self, batches) -> tuple[Tensor, list[Tensor], Tensor]:
+        """``components`` over an iterable of prepared batches (a batcher's, say), concatenated."""
         g, specs, act = [], [[] for _ in self.specialists], []
-        for i in range(0, len(x), self.batch_size):
-            p_g, p_specs, active = self.components(self.preprocess(x[i:i + self.batch_size], normalized))
+        for xb in batches:
+            p_g, p_specs, active = self.components(xb)
             g.append(p_g)
             act.append(active)
             for m, p in enumerate(p_specs):
@@ -174,7 +180,13 @@ class SpecialistEnsemble(Predictor):
     def predict_all(self, x, normalized: bool = False) -> dict:
         """Generalist and ensemble probabilities and the active sets, in one pass:
         ``{"generalist": (N, C), "ensemble": (N, C), "active": (N, M)}`` on the device."""
-        p_g, p_specs, active = self.components_all(x, normalized)
+        return self._predicted(*self.components_all(x, normalized))
+
+    def predict_over(self, batches) -> dict:
+        """:meth:`predict_all` over an iterable of prepared batches (a batcher's, say)."""
+        return self._predicted(*self.components_over(batches))
+
+    def _predicted(self, p_g: Tensor, p_specs: list[Tensor], active: Tensor) -> dict:
         return {"generalist": p_g, "ensemble": self.combine_all(p_g, p_specs, active), "active": active}
 
     @torch.inference_mode()

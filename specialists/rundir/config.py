@@ -28,11 +28,12 @@ from ..core.losses import LOSS_KINDS
 from ..core.optim import OPTIMIZERS, SCHEDULES
 from ..core.scoring import ABLATION_ORDERS
 from ..core.subsets import MODES
-from ..data import AUGMENTATIONS, DATASETS, HELD_IN_SPLITS
+from ..data import AUGMENTATIONS, DATASETS, HELD_IN_SPLITS, STORAGES
 from ..data.synthetic import VARIANTS
+from ..data.user import python_entry
 from ..device import DEVICES
 from ..errors import ConfigError, one_line
-from ..models import MODELS
+from ..models import check_model_name
 
 # The config choices implemented above this layer: the student stage's teachers, the executors
 # of independent jobs (engine/executors.py).
@@ -61,15 +62,19 @@ class DataConfig:
     difficulty: float = 1.0  # >1 makes classes inside a superclass harder to tell apart
     # torchvision / imagefolder specifics
     emnist_split: str = "balanced"
-    resize: Optional[int] = None  # imagefolder: resize images to resize x resize
+    resize: Optional[int] = None  # imagefolder, stream: resize images to resize x resize
+    storage: str = "auto"  # auto | memory | stream (decoded in memory, or read lazily by DataLoader workers)
+    workers: int = 4  # stream: DataLoader worker processes
+    memory_budget_gb: float = 4.0  # auto: memory when the decoded splits fit in this, else stream
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"  # a key of specialists.models.MODELS
+    name: str = "cnn"  # a key of specialists.models.MODELS, or timm:ARCH, torchvision:ARCH, python:module:function
     width: Optional[int] = None  # base channels (cnn 32, resnet 64, resnet8 32) or hidden units (mlp 256); None = the model's default
     depth: int = 2  # hidden layers (mlp)
     dropout: float = 0.0
+    pretrained: Optional[str] = None  # a local weights file (safetensors, or a .pt/.pth/.bin state dict)
 
 
 @dataclass
@@ -91,7 +96,7 @@ class TrainConfig:
 
 @dataclass
 class GeneralistConfig(TrainConfig):
-    pass
+    init: Optional[str] = None  # a trained classifier's weights to start from (epochs=0: used as they are)
 
 
 @dataclass
@@ -159,6 +164,7 @@ class StudentModelConfig:
     width: Optional[int] = None
     depth: Optional[int] = None
     dropout: Optional[float] = None
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -340,7 +346,15 @@ def validate(cfg) -> None:
     _check(bool(cfg.run_dir), "run_dir", "must not be empty")
 
     d = cfg.data
-    _choice(cfg, "data.name", sorted(DATASETS))
+    if str(d.name).startswith("python:"):
+        try:
+            python_entry(str(d.name))
+        except ConfigError:
+            raise
+        except Exception as exc:  # SpecialistsError: cannot import it
+            raise ConfigError(f"config key 'data.name': {exc}") from None
+    else:
+        _choice(cfg, "data.name", sorted(DATASETS))
     _check(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
     _choice(cfg, "data.augment", ("auto", *AUGMENTATIONS))
     _check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0")
@@ -354,14 +368,23 @@ def validate(cfg) -> None:
     _choice(cfg, "data.variant", VARIANTS)
     _check(d.difficulty > 0, "data.difficulty", "must be > 0")
     _check(d.resize is None or d.resize >= 4, "data.resize", "must be >= 4")
-    if DATASETS[d.name].needs_path:
+    _choice(cfg, "data.storage", STORAGES)
+    _check(d.workers >= 0, "data.workers", "must be >= 0")
+    _check(d.memory_budget_gb > 0, "data.memory_budget_gb", "must be > 0")
+    init = cfg.generalist.init
+    _check(init is None or Path(init).expanduser().is_file(), "generalist.init", f"'{init}' is not a file")
+    if d.name in DATASETS and DATASETS[d.name].needs_path:
         _check(d.path is not None, "data.path", f"data set '{d.name}' needs data.path")
         _check(d.download or Path(d.path).exists(), "data.path", f"'{d.path}' does not exist")
 
     for key in ("model", "student.model"):
         name = OmegaConf.select(cfg, f"{key}.name")
         if name is not None:
-            _choice(cfg, f"{key}.name", sorted(MODELS))
+            why = check_model_name(str(name))
+            _check(why is None, f"{key}.name", why or "")
+        pretrained = OmegaConf.select(cfg, f"{key}.pretrained")
+        _check(pretrained is None or Path(pretrained).expanduser().is_file(), f"{key}.pretrained",
+               f"'{pretrained}' is not a file")
         width = OmegaConf.select(cfg, f"{key}.width")
         _check(width is None or width >= 1, f"{key}.width", "must be >= 1")
         depth = OmegaConf.select(cfg, f"{key}.depth")
@@ -440,9 +463,10 @@ def check_class_counts(cfg, num_classes: int) -> None:
 
 
 def student_model_config(cfg: Config) -> DictConfig:
-    """The student's model section: the generalist's, with the student's non-null fields over it."""
-    merged = OmegaConf.merge(cfg.model, {k: v for k, v in to_dict(cfg.student.model).items() if v is not None})
-    return merged
+    """The student's model section: the generalist's, with the student's non-null fields over it
+    (its weights start from ``student.model.pretrained`` only, never from the generalist's)."""
+    own = {k: v for k, v in to_dict(cfg.student.model).items() if v is not None}
+    return OmegaConf.merge(cfg.model, {"pretrained": None}, own)
 
 
 def config_values(cfg, keys) -> dict:

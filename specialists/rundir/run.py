@@ -28,7 +28,7 @@ import torch
 from ..data import Dataset, build_dataset
 from ..device import resolve_device
 from ..errors import SpecialistsError, one_line
-from ..models import Classifier, build_model
+from ..models import Classifier, build_model, declared_preprocessing
 from .config import Config, check_class_counts, config_from_yaml_text, to_yaml
 from .io import load_weights, read_json, save_weights, write_json, write_text
 from .locks import FileLock
@@ -119,7 +119,10 @@ class Run:
     def data(self) -> Dataset:
         """The data set, loaded and checked (bad data and class counts the config cannot fit
         are refused here, before any training), and ``data.json`` written or repaired."""
-        ds = build_dataset(self.cfg.data)
+        declared = declared_preprocessing(self.cfg.model)  # a pretrained model's input size and normalization
+        ds = build_dataset(self.cfg.data, resolution_hint=declared["input_size"][-1] if declared else None)
+        if declared and ds.is_image and len(declared["mean"]) == ds.input_shape[0]:
+            ds.mean, ds.std = declared["mean"], declared["std"]
         check_class_counts(self.cfg, ds.num_classes)
         info = ds.preprocessing()
         try:

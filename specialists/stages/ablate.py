@@ -42,7 +42,7 @@ def subset_ablation(run: Run) -> dict:
     by_id = {e["id"]: e for e in run.load_subsets()}
     entries = [by_id[i] for i in ens.ids]
     test = run.data.test
-    p_g, p_specs, active = ens.components_all(test.x)
+    p_g, p_specs, active = ens.components_over(x for x, _ in run.data.batcher(test, run.device).iterate(ens.batch_size))
     order = specialist_order(entries, run.cfg.ablate.order, run.cfg.ablate.seed)
     ev = run.cfg.evaluate
     samples = {i: int(read_json(run.specialist(i).metrics)["train_samples"]) for i in ens.ids}

@@ -45,7 +45,7 @@ def timing(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble) -> di
     once, so only the models and the combination are timed), and the ratios the paper's cost
     argument is about."""
     test, bs = run.data.test, ens.batch_size
-    x = ens.preprocess(test.x[timing_rows(len(test), bs * run.cfg.evaluate.timing_batches)])
+    x = run.data.batcher(test, run.device).batch(timing_rows(len(test), bs * run.cfg.evaluate.timing_batches))[0]
     gen = SingleModel(ens.generalist, ens.info, ens.device, batch_size=bs)
     t = seconds_per_example({"generalist": gen.proba, "routed": ens.proba, "all": ens_all.proba}, x, bs, REPEATS)
     t_g, t_r, t_a = t["generalist"], t["routed"], t["all"]
@@ -64,8 +64,8 @@ def evaluate(run: Run) -> dict:
     ens = SpecialistEnsemble.from_run(run, batch_size=cfg.generalist.eval_batch_size)
     test = run.data.test
     y = test.y
-    # raw uint8 NCHW (or float vectors): the ensemble's own preprocessing normalizes them
-    res = ens.predict_all(test.x)
+    batcher = run.data.batcher(test, run.device)  # normalized batches, in memory or streamed
+    res = ens.predict_over(x for x, _ in batcher.iterate(ens.batch_size))
     ev = score(res["generalist"], res["ensemble"], y, [s.cpu() for s in ens.subsets], res["active"],
                bootstrap=cfg.evaluate.bootstrap, ece_bins=cfg.evaluate.ece_bins, seed=cfg.seed)
     ev = {"split": "test", **ev,
@@ -74,7 +74,7 @@ def evaluate(run: Run) -> dict:
     ev["per_specialist"] = _specialist_rows(run, ens, ev.pop("per_specialist", []))
 
     ens_all = ens.with_routing("all")  # every specialist on every example
-    q_all = ens_all.predict_all(test.x)["ensemble"].cpu()
+    q_all = ens_all.predict_over(x for x, _ in batcher.iterate(ens.batch_size))["ensemble"].cpu()
     all_top1 = metrics.accuracy(q_all, y, 1)
     ev["all_routing"] = {"top1": all_top1, "top5": metrics.accuracy(q_all, y, 5), "nll": metrics.nll(q_all, y),
                          "change_vs_generalist": all_top1 - ev["generalist"]["top1"],

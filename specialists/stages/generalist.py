@@ -1,8 +1,11 @@
 """The generalist stage: the C-way classifier every later stage builds on.
 
-Writes ``RUN_DIR/generalist/``: ``model.safetensors``, ``state.pt`` (resume) and
+It starts from the architecture's initialization, from a pretrained backbone
+(``model.pretrained``: the head re-initialized when its shape differs), or from a classifier
+the user already trained (``generalist.init``; with ``generalist.epochs=0`` it is only
+evaluated). Writes ``RUN_DIR/generalist/``: ``model.safetensors``, ``state.pt`` (resume) and
 ``metrics.json`` (val/test top-1, top-5, NLL, per-epoch history, the training samples the
-compute-matched control is sized by).
+compute-matched control is sized by, what was loaded from which file).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 
 import torch
 
-from ..engine.trainers import split_metrics, train_classifier
+from ..engine.trainers import initial_weights, split_metrics, train_classifier
 from ..rundir import Run, to_dict
 from ..rundir.io import write_json
 
@@ -25,6 +28,7 @@ def train(run: Run) -> dict:
     files.dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the initial weights follow the run's seed, not the process's RNG state
     model = run.new_model()
+    start = initial_weights(run, model, from_init=True)
     history = train_classifier(run, model, cfg.generalist, files.state, seed=cfg.seed, desc="generalist")
     final = split_metrics(run, model, ("val", "test"), cfg.generalist.eval_batch_size)
     n_train = len(run.data.train)
@@ -36,6 +40,7 @@ def train(run: Run) -> dict:
         "steps": sum(h["steps"] for h in history),
         "seconds": sum(h["seconds"] for h in history),
         "history": history,
+        **start,
     }
     run.save_model(files.weights, model, model=to_dict(cfg.model), num_classes=run.data.num_classes)
     write_json(files.metrics, result)

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..core.heads import add_dustbin_shift, analytic_shift, fit_dustbin_shift, local_labels, make_specialist
-from ..data import Batcher, MixedBatches, seeded_batches
+from ..data import MixedBatches, seeded_batches
 from ..device import prepare_model
 from ..engine.executors import Job, as_run, run_jobs
 from ..engine.fit import fit, predict_logits
@@ -31,14 +31,18 @@ from ..rundir.io import write_json
 log = logging.getLogger("specialists")
 
 FEATURE_EXAMPLES = 2048  # training examples whose generalist features fit the dustbin row
+STREAM_CHUNK = 256  # streamed images are read for them this many at a time
 
 
-def _features(model: Classifier, batcher: Batcher, n: int) -> torch.Tensor:
-    """Generalist features (n, F) of the first ``n`` training examples (un-augmented)."""
+def _features(model: Classifier, batcher, n: int, chunk: int | None = None) -> torch.Tensor:
+    """Generalist features (n, F) of the first ``n`` training examples (un-augmented), in
+    chunks of ``chunk`` rows (one batch when None)."""
     model.eval()
+    n = min(n, batcher.n)
+    chunk = chunk or n
     with torch.inference_mode():
-        x, _ = batcher.batch(torch.arange(min(n, batcher.n)))
-        return model.features(x).float()
+        return torch.cat([model.features(batcher.batch(torch.arange(s, min(s + chunk, n)))[0]).float()
+                          for s in range(0, n, chunk)])
 
 
 def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> dict:
@@ -49,9 +53,10 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> 
     files.dir.mkdir(parents=True, exist_ok=True)
     S = torch.tensor(sorted(subset), dtype=torch.long)
     C = ds.num_classes
-    train = Batcher(ds, ds.train, device)
+    train = ds.batcher(ds.train, device)
     mix = MixedBatches(ds.train.y, S, C, scfg.batch_size, scfg.subset_fraction)
-    spec = make_specialist(generalist, S.to(device), _features(generalist, train, FEATURE_EXAMPLES))
+    feats = _features(generalist, train, FEATURE_EXAMPLES, STREAM_CHUNK if ds.storage == "stream" else None)
+    spec = make_specialist(generalist, S.to(device), feats)
     spec = prepare_model(spec, device, ds.is_image)
     seed = cfg.seed * 1000 + 17 + sid
     step = SpecialistPhases(generalist, S.to(device), C, scfg, mix.steps, cfg.distill.temperature, cfg.distill.loss)
@@ -62,7 +67,7 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> 
     # --- dustbin correction (undo the oversampling of S) --------------------------------
     f = len(mix.pos) / len(ds.train)
     s = mix.n_pos / (mix.n_pos + mix.n_neg) if mix.n_neg else f
-    val_logits = predict_logits(spec, Batcher(ds, ds.val, device), scfg.eval_batch_size)
+    val_logits = predict_logits(spec, ds.batcher(ds.val, device), scfg.eval_batch_size)
     val_local = local_labels(ds.val.y, S, C)
     shift = {"analytic": analytic_shift(s, f) if mix.n_neg else 0.0,
              "calibrated": fit_dustbin_shift(val_logits, val_local) if len(val_local) else 0.0,
@@ -95,7 +100,7 @@ def specialist_metrics(run: Run, spec: Classifier, generalist: Classifier, S: to
     generalist), and dustbin precision / recall."""
     ds, device = run.data, run.device
     bs = run.cfg.specialists.eval_batch_size
-    test = Batcher(ds, ds.test, device)
+    test = ds.batcher(ds.test, device)
     z_s = predict_logits(spec, test, bs)
     z_g = predict_logits(generalist, test, bs)
     y = ds.test.y

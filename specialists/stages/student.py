@@ -28,17 +28,24 @@ import numpy as np
 import torch
 
 from ..core import metrics
-from ..data.teacher_table import file_sha256, load_teacher_probs, source_train_size
+from ..data.teacher_table import load_teacher_probs, source_train_size
 from ..device import prepare_model
 from ..engine.executors import Job, as_run, run_jobs
 from ..engine.teachers import EnsembleTeacher, GeneralistTeacher, ProbsTeacher
 from ..engine.timing import REPEATS, seconds_per_example, timing_rows
-from ..engine.trainers import split_metrics, split_probs, train_classifier, train_once, train_student
+from ..engine.trainers import (
+    initial_weights,
+    split_metrics,
+    split_probs,
+    train_classifier,
+    train_once,
+    train_student,
+)
 from ..errors import SpecialistsError
 from ..inference import SingleModel, SpecialistEnsemble
 from ..rundir import Run, to_dict
 from ..rundir.config import student_model_config
-from ..rundir.io import read_json, write_json
+from ..rundir.io import file_sha256, read_json, write_json
 
 log = logging.getLogger("specialists")
 
@@ -103,6 +110,7 @@ def student_job(run, which: str) -> list[dict]:
         files.dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + 1)
         model = run.new_model()
+        initial_weights(run, model)  # built like the first generalist (a pretrained backbone, not its init)
         return train_once(files, model,
                           lambda: train_classifier(run, model, cfg.generalist, files.state, seed=cfg.seed + 1,
                                                    desc="second generalist (seed + 1)"),
@@ -146,7 +154,7 @@ def distill(run: Run) -> dict:
 
     # --- test metrics --------------------------------------------------------------------
     y = ds.test.y
-    pred = ens.predict_all(ds.test.x)
+    pred = ens.predict_over(x for x, _ in ds.batcher(ds.test, device).iterate(ens.batch_size))
     p_gen, p_ens = pred["generalist"].float().cpu(), pred["ensemble"].float().cpu()
     p_student = _test_probs(run, student)
     final = split_metrics(run, student, ("val", "test"), st.eval_batch_size)
@@ -178,7 +186,7 @@ def distill(run: Run) -> dict:
 
     # --- inference time per example (one protocol for every row) ---------------------------
     info, bs = ens.info, st.eval_batch_size
-    x_time = ens.preprocess(ds.test.x[timing_rows(len(y), bs * cfg.evaluate.timing_batches)])
+    x_time = ds.batcher(ds.test, device).batch(timing_rows(len(y), bs * cfg.evaluate.timing_batches))[0]
     one = {k: SingleModel(m, info, device, bs).proba for k, m in
            (("generalist", generalist), ("student", student), ("born_again", born_again), ("second", second)) if m is not None}
     fns = {"generalist": one["generalist"], "ensemble": ens.proba, "student": one["student"]}

@@ -1,47 +1,14 @@
-"""The model registry: one factory, ``build_model(model_cfg, num_classes, input_shape)``.
-
-Every model is a :class:`Classifier`: ``features`` (input -> (B, F) embedding) followed by
-``head`` (an ``nn.Linear`` F -> classes). Specialists replace ``head`` with one of
-``|S| + 1`` outputs; nothing else in the code needs to know the architecture.
-
-Entries: ``linear`` and ``mlp`` (flatten any input), ``cnn`` (small, CPU-friendly), and CIFAR-style ResNets
-built from torchvision's ``ResNet`` with a 3x3 stride-1 stem and no max-pool: ``resnet8``
-(one basic block per stage, half width), ``resnet10``, ``resnet18``, ``resnet34``.
-"""
+"""The built-in models: ``linear`` and ``mlp`` (flatten any input), ``cnn`` (small,
+CPU-friendly), and CIFAR-style ResNets built from torchvision's ``ResNet`` with a 3x3 stride-1
+stem and no max-pool: ``resnet8`` (one basic block per stage, half width), ``resnet10``,
+``resnet18``, ``resnet34``."""
 
 from __future__ import annotations
-
-from typing import Callable, Dict
 
 import torch
 from torch import nn
 
-MODELS: Dict[str, Callable] = {}
-
-
-def register(name: str):
-    def wrap(fn):
-        MODELS[name] = fn
-        return fn
-
-    return wrap
-
-
-class Classifier(nn.Module):
-    """``head(features(x))``. ``x``: (B, C, H, W) or (B, D) float; returns logits (B, classes)."""
-
-    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
-        super().__init__()
-        self.features = features
-        self.feature_dim = feature_dim
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
+from .registry import Classifier, register
 
 
 def _numel(shape) -> int:
@@ -139,14 +106,3 @@ register("resnet8")(_resnet([1, 1, 1, 1], 32))
 register("resnet10")(_resnet([1, 1, 1, 1], 64))
 register("resnet18")(_resnet([2, 2, 2, 2], 64))
 register("resnet34")(_resnet([3, 4, 6, 3], 64))
-
-
-def build_model(model_cfg, num_classes: int, input_shape: tuple) -> Classifier:
-    """The one factory. ``input_shape``: (C, H, W) for images or (D,) for vectors."""
-    if model_cfg.name not in MODELS:
-        raise ValueError(f"unknown model '{model_cfg.name}' (known: {', '.join(sorted(MODELS))})")
-    return MODELS[model_cfg.name](model_cfg, num_classes, tuple(input_shape))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

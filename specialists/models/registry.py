@@ -1,0 +1,92 @@
+"""The model registry and its one factory, ``build_model(model_cfg, num_classes, input_shape)``.
+
+Every model is a :class:`Classifier`: ``features`` (input -> (B, F) embedding) followed by
+``head`` (an ``nn.Linear`` F -> classes). Specialists replace ``head`` with one of
+``|S| + 1`` outputs; nothing else in the code needs to know the architecture.
+
+``model.name`` is a registered name (``MODELS``: the built-in models) or one of:
+
+- ``timm:<architecture>``: any timm model (built without downloading anything);
+- ``torchvision:<architecture>``: any torchvision classification builder;
+- ``python:package.module:function``: a user's factory, ``function(num_classes, input_shape)``
+  returning an ``nn.Module``.
+
+Each is split into ``features`` + ``head`` (see :mod:`specialists.models.external`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+from ..errors import SpecialistsError
+
+MODELS: Dict[str, Callable] = {}
+PREFIXES = ("timm", "torchvision", "python")
+
+
+def register(name: str):
+    def wrap(fn):
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+class Classifier(nn.Module):
+    """``head(features(x))``. ``x``: (B, C, H, W) or (B, D) float; returns logits (B, classes).
+
+    ``head_name``: for a model from a library, the name its own state dict gives the head
+    (``fc``, ``classifier.1``, ...), so a checkpoint written by that library loads as it is.
+    """
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int, head: nn.Linear | None = None,
+                 head_name: str | None = None):
+        super().__init__()
+        self.features = features
+        self.feature_dim = feature_dim
+        self.head = head if head is not None else nn.Linear(feature_dim, num_classes)
+        self.head_name = head_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+
+def build_model(model_cfg, num_classes: int, input_shape: tuple) -> Classifier:
+    """The one factory. ``input_shape``: (C, H, W) for images or (D,) for vectors."""
+    from . import external
+
+    name = model_cfg.name
+    prefix = name.split(":", 1)[0] if ":" in name else None
+    if prefix in PREFIXES:
+        return external.build(prefix, name.split(":", 1)[1], num_classes, tuple(input_shape))
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}' (known: {', '.join(sorted(MODELS))}, or timm:, torchvision:, python:)")
+    return MODELS[name](model_cfg, num_classes, tuple(input_shape))
+
+
+def check_model_name(name: str) -> str | None:
+    """Why ``name`` names no model (None when it does): for the config's one-line error."""
+    from . import external
+
+    if ":" not in name:
+        return None if name in MODELS else (f"'{name}' is not one of {', '.join(sorted(MODELS))} (or timm:ARCH, "
+                                            "torchvision:ARCH, python:module:function)")
+    prefix, rest = name.split(":", 1)
+    if prefix not in PREFIXES:
+        return f"'{name}': the prefix must be one of {', '.join(p + ':' for p in PREFIXES)}"
+    try:
+        external.resolve(prefix, rest)
+    except SpecialistsError as exc:
+        return str(exc)
+    return None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
