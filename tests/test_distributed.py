@@ -92,7 +92,8 @@ def test_every_stage_runs_under_torchrun(tmp_path):
     """``specialists run`` on 2 ranks: every stage (the ablation's re-clustering sub-run and the
     student's controls included) completes on both, and rank 0 alone writes."""
     d = tmp_path / "run"
-    procs = _ranks(["run", QUICKSTART, *TINY, f"run_dir={d}", "ablate.counts=[2]", "student.epochs=1"])
+    procs = _ranks(["run", QUICKSTART, *TINY, f"run_dir={d}", "ablate.counts=[2]", "ablate.control=false",
+                    "student.epochs=1"])
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "| top-1 |" in outs[0] and "| top-1 |" not in outs[1]  # the summary, from rank 0 only

@@ -307,14 +307,14 @@ def test_resumed_stage_records_the_time_of_every_attempt(short_generalist, tmp_p
 def test_two_runs_at_once_do_each_stage_once(tmp_path):
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "specialists.cli", "run", QUICKSTART, f"run_dir={run_dir}", *TINY,
-            "generalist.epochs=20", "student.enabled=false", "ablate.control=false"]
+            "generalist.epochs=12", "student.enabled=false", "ablate.control=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     both = "\n".join(outs)
-    assert both.count("generalist epoch 1/20") == 1, both
+    assert both.count("generalist epoch 1/12") == 1, both
     for i in range(3):
         assert both.count(f"specialist {i:03d}: subset test top-1") == 1, both
     assert both.count("stage evaluate: starting") == 1
@@ -441,7 +441,8 @@ def test_killed_at_random_points_across_the_stages_a_run_ends_bit_identical(tmp_
     """``benchmarks/crash_resume.py`` on the tiny run: an uninterrupted run, then the same run
     SIGKILLed once in each of five stages (at seeded random moments) and resumed each time."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "crash_resume.py"), "--kills", "5",
-                           "--keep", str(tmp_path), *TINY], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--keep", str(tmp_path), *TINY, "student.controls=false", "ablate.control=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["identical"] and summary["kills"] == 5 and len(summary["per_stage"]) >= 4, summary
