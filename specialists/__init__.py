@@ -6,6 +6,7 @@
 
 The public API, by name (each loaded on first use, so ``import specialists`` stays cheap):
 ``SpecialistEnsemble``, ``Student``, ``SingleModel`` (inference on a trained run);
+``OnnxModel``, ``OnnxEnsemble`` (serving a ``specialists export`` folder without torch);
 ``find_subsets`` (confusable-class discovery); ``score`` (generalist vs ensemble);
 ``load_config``, ``Run``, ``run_stage``, ``run_all`` (running the pipeline from Python).
 The combination has its own module: ``from specialists.combine import combine, objective``.
@@ -19,6 +20,8 @@ _PUBLIC = {
     "SpecialistEnsemble": "specialists.inference",
     "Student": "specialists.inference",
     "SingleModel": "specialists.inference",
+    "OnnxModel": "specialists.inference.onnx_runtime",
+    "OnnxEnsemble": "specialists.inference.onnx_runtime",
     "find_subsets": "specialists.core.subsets",
     "score": "specialists.core.scoring",
     "load_config": "specialists.rundir",

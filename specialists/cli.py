@@ -1,5 +1,5 @@
 """The ``specialists`` command, built from the stage table: one verb per stage, ``run`` for
-all of them, ``predict`` for inference on files.
+all of them, ``predict`` for inference on files, ``export`` for ONNX graphs of a run.
 
 A user error (bad config, missing file, missing stage) prints one line and exits with 2.
 """
@@ -20,7 +20,9 @@ def _usage() -> str:
     for s in STAGES:
         extra = "".join(f" [--{o} ...]" for o in s.options)
         lines.append(f"  specialists {s.verb} CONFIG [key=value ...]{extra}    {s.help}")
-    lines.append("  specialists predict RUN_DIR FILE [FILE ...] [--model ensemble|student|generalist]")
+    lines.append("  specialists predict RUN_DIR FILE [FILE ...] [--model ensemble|student|generalist] [--explain]")
+    lines.append("  specialists export RUN_DIR [--model student|generalist|ensemble] [--format onnx] [--out DIR]    "
+                 "ONNX graphs + what serving needs, verified against PyTorch")
     return "\n".join(lines)
 
 
@@ -114,6 +116,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=MODELS, default="ensemble")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--explain", action="store_true",
+                   help="with a soft-tree student (--model student): print the path of decisions")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the run's files against the sizes and sha256 recorded when they were written")
     args = p.parse_args(argv)
@@ -121,7 +125,27 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     def go():
         return predict_files(args.run_dir, args.files, model=args.model, top_k=args.top_k, device=args.device,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify, explain=args.explain)
+
+    return _guard(go)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="specialists export",
+                                description="export a run's model(s) to ONNX, verified against PyTorch")
+    p.add_argument("run_dir")
+    # --model and --format are checked by export_run, so a bad value is one line like any bad input
+    p.add_argument("--model", default="student", help="student (default; the generalist if there is no student), "
+                   "generalist, or ensemble (the generalist, every specialist and ensemble.json)")
+    p.add_argument("--format", default="onnx", help="onnx (the only one)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    args = p.parse_args(argv)
+    setup_logging()
+
+    def go():
+        from .inference.export import export_run
+
+        export_run(args.run_dir, model=args.model, fmt=args.format, out=args.out, echo=print)
 
     return _guard(go)
 
@@ -130,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from .stages import BY_VERB
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbs = ["run", *BY_VERB, "predict"]
+    verbs = ["run", *BY_VERB, "predict", "export"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
         print(_usage(), file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
@@ -140,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     if verb == "predict":
         return predict_main(rest)
+    if verb == "export":
+        return export_main(rest)
     return stage_main(verb, rest)
 
 

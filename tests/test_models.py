@@ -39,7 +39,7 @@ def forward_backward(model: nn.Module, shape: tuple, batch: int = 3):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"soft_tree"}))  # a student, not a Classifier: test_trees.py
 def test_every_model_runs_forward_and_backward_on_every_input_kind(name):
     torch.manual_seed(0)
     shapes = IMAGE_SHAPES + (VECTOR_SHAPES if supports_vectors(name) else [])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..core.heads import collapse_logits, is_soft_phase, local_labels
-from ..core.losses import distillation_loss, hard_loss
+from ..core.losses import distillation_loss, hard_loss, soft_targets
 
 
 class HardLabels:
@@ -37,6 +37,33 @@ class Distill:
         x, y, idx = batch
         z_t = self.teacher(x, idx)
         return distillation_loss(model(x), z_t, y, self.temperature, self.alpha, self.kind, self.label_smoothing), {}
+
+
+class TreeTargets:
+    """A soft decision tree's step: target distributions ``alpha * softmax(z_t / T) + (1 - alpha)
+    * onehot(y)`` (labels smoothed by ``label_smoothing``), given to the tree's own loss
+    (``model(x, targets, ...)``, see :mod:`specialists.models.soft_tree`). ``teacher`` None:
+    labels only (the tree's hard-label control)."""
+
+    def __init__(self, teacher, temperature: float, alpha: float, tree_cfg, label_smoothing: float = 0.0):
+        self.teacher, self.temperature = teacher, temperature
+        self.alpha = alpha if teacher is not None else 0.0
+        self.tree_cfg, self.label_smoothing = tree_cfg, label_smoothing
+
+    def targets(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """(B, C) float32 rows on the simplex."""
+        s = self.label_smoothing
+        t = torch.nn.functional.one_hot(y, num_classes).float() * (1 - s) + s / num_classes
+        if self.alpha > 0:
+            t = self.alpha * soft_targets(self.teacher(x, idx), self.temperature) + (1 - self.alpha) * t
+        return t
+
+    def __call__(self, model: nn.Module, epoch: int, i: int, batch: tuple):
+        x, y, idx = batch
+        c = self.tree_cfg
+        tree = getattr(model, "module", model)  # a DDP wrapper's model
+        t = self.targets(x, y, idx, tree.num_classes)
+        return model(x, t, loss=c.loss, penalty=c.penalty, window=c.window), {}
 
 
 class SpecialistPhases:

@@ -16,11 +16,11 @@ import torch
 from ..core import metrics
 from ..data import EpochBatches, seeded_batches
 from ..device import prepare_model
-from ..models import load_classifier, load_pretrained
+from ..models import is_soft_tree, load_classifier, load_pretrained
 from ..rundir import ModelFiles, Run
 from ..rundir.io import file_sha256, load_weights, read_json, write_json
 from .fit import fit, predict_logits
-from .steps import Distill, HardLabels
+from .steps import Distill, HardLabels, TreeTargets
 
 log = logging.getLogger("specialists")
 
@@ -89,12 +89,21 @@ def student_batches(run: Run, batch_size: int, seed: int, augment: bool):
 
 
 def train_student(run: Run, model: torch.nn.Module, teacher, state_path: Path | None, *, seed: int, desc: str,
-                  eval_splits=("val", "test")) -> list[dict]:
-    """Distil ``teacher`` into ``model`` with the run's ``student`` and ``distill`` settings; resumable."""
+                  eval_splits=("val", "test"), augment: bool | None = None) -> list[dict]:
+    """Distil ``teacher`` into ``model`` with the run's ``student`` and ``distill`` settings; resumable.
+
+    A soft decision tree trains with its own loss (:class:`~specialists.engine.steps.TreeTargets`);
+    ``teacher`` None trains a tree on the labels alone (its hard-label control). ``augment``:
+    whether the batches are augmented (default: as the teacher needs; a table of
+    probabilities cannot follow augmentation)."""
     tcfg, dcfg = run.cfg.student, run.cfg.distill
     model = prepare_model(model, run.device, run.data.is_image)
-    batches, steps = student_batches(run, tcfg.batch_size, seed, teacher.augment)
-    step = Distill(teacher, dcfg.temperature, dcfg.alpha, dcfg.loss, tcfg.label_smoothing)
+    augment = (teacher is None or teacher.augment) if augment is None else augment
+    batches, steps = student_batches(run, tcfg.batch_size, seed, augment)
+    if is_soft_tree(model):
+        step = TreeTargets(teacher, dcfg.temperature, dcfg.alpha, tcfg.tree, tcfg.label_smoothing)
+    else:
+        step = Distill(teacher, dcfg.temperature, dcfg.alpha, dcfg.loss, tcfg.label_smoothing)
     return fit(model, tcfg, device=run.device, state_path=state_path, batches=batches, steps_per_epoch=steps,
                step=step, evaluate=_evaluator(run, eval_splits, tcfg.eval_batch_size), seed=seed, desc=desc,
                sync_bn=run.cfg.train.sync_bn)

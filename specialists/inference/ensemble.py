@@ -21,7 +21,7 @@ from ..core.checks import ParameterError
 from ..core.combine import ROUTINGS, combine, membership, prepare_subsets, route
 from ..device import autocast
 from ..errors import SpecialistsError
-from .predictor import Predictor, Tensor, open_run
+from .predictor import Predictor, Tensor, open_run, top_classes
 
 
 class SpecialistEnsemble(Predictor):
@@ -199,9 +199,7 @@ class SpecialistEnsemble(Predictor):
         names = self.class_names
 
         def top(p, ids=None):
-            v, i = p.topk(min(k, p.shape[0]))
-            cls = [int(ids[j]) if ids is not None else int(j) for j in i.tolist()]
-            return [{"class": c, "name": names[c], "prob": float(pv)} for pv, c in zip(v.tolist(), cls)]
+            return top_classes(p, names, k, ids)
 
         out = []
         for b in range(len(xb)):

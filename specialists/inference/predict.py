@@ -126,13 +126,28 @@ def _top_lines(probs: list[tuple[int, str, float]]) -> list[str]:
     return [f"  {i + 1}. {name} (class {c}): {p:.4f}" for i, (c, name, p) in enumerate(probs)]
 
 
-def describe(predictor, x: np.ndarray, top_k: int) -> list[list[str]]:
+def _path_lines(ex: dict) -> list[str]:
+    """A soft tree's answer for one example (:meth:`Student.explain`): its leaf's top classes,
+    then each decision on the most probable path."""
+    lines = _top_lines([(t["class"], t["name"], t["prob"]) for t in ex["leaf_top"]])
+    lines.append(f"  path to leaf {ex['leaf']} (path probability {ex['path_prob']:.4f}):")
+    lines += [f"    depth {d['depth']}, node {d['node']}: p(right) = {d['p_right']:.4f} -> {d['turn']}"
+              for d in ex["decisions"]]
+    m = ex["mixture_top"][0]
+    lines.append(f"  whole tree's mixture: {m['name']} {m['prob']:.4f}")
+    return lines
+
+
+def describe(predictor, x: np.ndarray, top_k: int, explain: bool = False) -> list[list[str]]:
     """Per example of the raw batch ``x``: the lines that answer it (top-k classes with names
-    and probabilities; for the ensemble, which specialists spoke)."""
+    and probabilities; for the ensemble, which specialists spoke; ``explain`` with a soft-tree
+    student: the path of decisions)."""
     k = max(1, min(top_k, predictor.num_classes))
     if len(x) > predictor.batch_size:  # a large .npy batch: answer it in chunks
         return [a for i in range(0, len(x), predictor.batch_size)
-                for a in describe(predictor, x[i:i + predictor.batch_size], top_k)]
+                for a in describe(predictor, x[i:i + predictor.batch_size], top_k, explain)]
+    if explain:
+        return [_path_lines(ex) for ex in predictor.explain(x, k=k)]
     out = []
     if isinstance(predictor, SpecialistEnsemble):
         for ex in predictor.explain(x, k=k):
@@ -157,7 +172,7 @@ def describe(predictor, x: np.ndarray, top_k: int) -> list[list[str]]:
 
 
 def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, device: str = "auto",
-                  verify: bool = True) -> int:
+                  verify: bool = True, explain: bool = False) -> int:
     """Answer every file (stdout), one ``error: FILE: reason`` line per bad file (stderr).
 
     Returns 0 when every file was answered, else 2. A bad run directory raises
@@ -165,14 +180,18 @@ def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, devic
     """
     if top_k < 1:
         raise SpecialistsError(f"--top-k must be >= 1, got {top_k}")
+    if explain and model != "student":
+        raise SpecialistsError("--explain reads a soft-tree student's path: use it with --model student")
     predictor = load_predictor(run_dir, model, device, verify)  # once, for all files
+    if explain:
+        _ = predictor.tree  # a neural student has no path: say so once, before any file
     shape = tuple(predictor.input_shape)
     failed = 0
     for f in files:
         try:
             x, notes = read_inputs(f, shape)
             with torch.inference_mode():
-                answers = describe(predictor, x, top_k)
+                answers = describe(predictor, x, top_k, explain)
         except (FileError, SpecialistsError) as exc:
             print(f"error: {f}: {exc}", file=sys.stderr)
             failed += 1

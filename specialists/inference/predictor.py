@@ -15,6 +15,7 @@ import torch
 from ..data import Preprocessing
 from ..device import autocast, channels_last
 from ..errors import SpecialistsError
+from ..models import is_soft_tree
 from ..rundir import Run
 from ..rundir.config import student_model_config
 
@@ -27,6 +28,14 @@ def open_run(run, device: str | None, verify: bool = True) -> Run:
     if isinstance(run, Run):
         return run if device is None or torch.device(device) == run.device else Run(run.cfg, str(device), run.verify)
     return Run.open(run, device or "auto", verify=verify)
+
+
+def top_classes(p: Tensor, names: list[str], k: int, ids=None) -> list[dict]:
+    """The ``k`` most probable entries of one distribution ``p`` (C,) as
+    ``[{"class", "name", "prob"}]``; ``ids`` maps positions to class ids (a specialist's subset)."""
+    v, i = p.topk(min(k, p.shape[0]))
+    cls = [int(ids[j]) if ids is not None else int(j) for j in i.tolist()]
+    return [{"class": c, "name": names[c], "prob": float(pv)} for pv, c in zip(v.tolist(), cls)]
 
 
 class Predictor:
@@ -83,7 +92,42 @@ class SingleModel(Predictor):
 
 
 class Student(SingleModel):
-    """The distilled student of a run: ``Student.from_run(run_dir).predict_proba(x)``."""
+    """The distilled student of a run: ``Student.from_run(run_dir).predict_proba(x)``.
+
+    A ``soft_tree`` student predicts with the leaf of its most probable path;
+    :meth:`explain` reads that path, :meth:`predict_mixture` gives the whole tree's mixture.
+    """
+
+    @property
+    def tree(self):
+        """The soft decision tree itself (SpecialistsError for a neural student)."""
+        if not is_soft_tree(self.model):
+            raise SpecialistsError(f"this student is a {type(self.model).__name__}, not a soft decision tree "
+                                   "(student.model.name=soft_tree): it has no path of decisions to read")
+        return self.model
+
+    @torch.inference_mode()
+    def predict_mixture(self, x, normalized: bool = False) -> Tensor:
+        """A soft tree's mixture ``sum_l P_l(x) Q_l`` (N, C) float32 on the device."""
+        tree = self.tree
+        out = [tree.mixture_proba(self.preprocess(x[i:i + self.batch_size], normalized))
+               for i in range(0, len(x), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes, device=self.device)
+
+    @torch.inference_mode()
+    def explain(self, x, normalized: bool = False, k: int = 5) -> list[dict]:
+        """Per example, a soft tree's decision as one readable path: ``{"leaf", "path_prob",
+        "decisions": [{"node", "depth", "p_right", "turn", "prob"}], "leaf_top", "mixture_top"}``
+        (``prob``: the probability of the turn taken; ``path_prob``: their product)."""
+        tree = self.tree
+        xb = self.preprocess(x, normalized)
+        mixture = tree.mixture_proba(xb).cpu()
+        out = []
+        for path, mix in zip(tree.decision_paths(xb), mixture):
+            q = path.pop("leaf_q")
+            out.append({**path, "leaf_top": top_classes(q, self.class_names, k),
+                        "mixture_top": top_classes(mix, self.class_names, k)})
+        return out
 
     @classmethod
     def from_run(cls, run, device: str | None = None, verify: bool = True) -> "Student":

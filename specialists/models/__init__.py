@@ -1,10 +1,13 @@
-"""Models: the registry and its one factory, the built-in architectures, adapters for timm,
-torchvision and user factories, and weights from the user's files."""
+"""Models: the registry and its one factory, the built-in architectures, the soft decision
+tree student, adapters for timm, torchvision and user factories, and weights from the user's
+files."""
 
 from . import builtin  # noqa: F401  (registers the built-in models)
 from .external import declared_preprocessing
 from .registry import MODELS, PREFIXES, Classifier, build_model, check_model_name, count_parameters, register
+from .soft_tree import SoftDecisionTree, is_soft_tree
 from .weights import load_classifier, load_pretrained, read_state_dict
 
 __all__ = ["MODELS", "PREFIXES", "Classifier", "build_model", "check_model_name", "count_parameters",
-           "declared_preprocessing", "load_classifier", "load_pretrained", "read_state_dict", "register"]
+           "declared_preprocessing", "is_soft_tree", "load_classifier", "load_pretrained", "read_state_dict", "register",
+           "SoftDecisionTree"]

@@ -1,5 +1,5 @@
-"""The built-in models: ``linear`` and ``mlp`` (flatten any input), ``cnn`` (small,
-CPU-friendly), and CIFAR-style ResNets built from torchvision's ``ResNet`` with a 3x3 stride-1
+"""The built-in models: ``linear`` and ``mlp`` (flatten any input; ``depth`` hidden layers, 2
+by default), ``cnn`` (small, CPU-friendly), and CIFAR-style ResNets built from torchvision's ``ResNet`` with a 3x3 stride-1
 stem and no max-pool: ``resnet8`` (one basic block per stage, half width), ``resnet10``,
 ``resnet18``, ``resnet34``."""
 
@@ -29,7 +29,7 @@ def mlp(cfg, num_classes: int, input_shape: tuple) -> Classifier:
     width = cfg.width or 256
     layers: list[nn.Module] = [nn.Flatten()]
     d = _numel(input_shape)
-    for _ in range(cfg.depth):
+    for _ in range(cfg.depth if cfg.depth is not None else 2):
         layers += [nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
         if cfg.dropout:
             layers.append(nn.Dropout(cfg.dropout))

@@ -288,3 +288,111 @@ def plot_specialists(rows: list[dict], path, title: str | None = None) -> Path:
     ax.set_title(title or "Per specialist: accuracy change", fontsize=10)
     fig.tight_layout()
     return _save_png(fig, path)
+
+
+def _as_picture(w: np.ndarray, input_shape: tuple) -> tuple[np.ndarray, dict]:
+    """One filter (D,) -> an image to draw and ``imshow`` arguments: in the input's shape for
+    images (colour filters mapped to [0, 1] around grey, one-channel ones on a diverging map
+    centred on 0), a one-row strip for vectors."""
+    scale = float(np.abs(w).max()) or 1.0
+    if len(input_shape) == 3 and input_shape[0] == 3:
+        return np.clip(0.5 + 0.5 * w.reshape(input_shape).transpose(1, 2, 0) / scale, 0, 1), {}
+    shape = input_shape[1:] if len(input_shape) == 3 else (1, input_shape[0])
+    return w.reshape(shape), {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}
+
+
+def _draw_filter(ax, w: np.ndarray, input_shape: tuple) -> None:
+    img, kw = _as_picture(w, input_shape)
+    ax.imshow(img, interpolation="nearest", aspect="auto" if len(input_shape) != 3 else "equal", **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _top_text(q: np.ndarray, class_names, k: int = 2) -> str:
+    top = np.argsort(-q)[:k]
+    return "\n".join(f"{class_names[c][:12]} {q[c]:.2f}" for c in top)
+
+
+def plot_tree(filters: np.ndarray, leaf_q: np.ndarray, class_names, input_shape: tuple, path,
+              max_levels: int = 5, subject: str = "soft decision tree") -> Path:
+    """A soft decision tree: every inner node's filter drawn in the input's shape, level by
+    level, and every leaf's top classes under them.
+
+    ``filters`` (N, D): the inner nodes in heap order (``beta * w_i`` is what the node
+    thresholds; the picture is ``w_i``); ``leaf_q`` (L, C). Only the top ``max_levels``
+    levels are drawn (2^5 = 32 leaves fill a page); below the cut each box shows the mean
+    distribution of the leaves of that subtree.
+    """
+    depth = int(round(math.log2(len(leaf_q))))
+    levels = min(depth, max_levels)
+    boxes = 2 ** levels
+    q = leaf_q.reshape(boxes, -1, leaf_q.shape[1]).mean(1)  # leaves grouped by the subtree they sit in
+    width = max(8.0, 0.62 * boxes)
+    fig = _figure(figsize=(width, 1.3 * (levels + 1) + 0.4))
+    row_h = 0.9 / (levels + 1)
+    line_ax = fig.add_axes((0, 0, 1, 1), zorder=-1)
+    line_ax.set_xlim(0, 1)
+    line_ax.set_ylim(0, 1)
+    line_ax.axis("off")
+    centres = {}
+    for d in range(levels + 1):
+        n = 2 ** d
+        size = min(row_h * 0.8 * width / (1.3 * (levels + 1) + 0.4), 0.9 / n)  # a square in inches
+        y = 0.92 - (d + 1) * row_h
+        for j in range(n):
+            cx = (j + 0.5) / n
+            centres[(d, j)] = (cx, y + row_h * 0.4)
+            if d > 0:
+                px, py = centres[(d - 1, j // 2)]
+                line_ax.plot([px, cx], [py - row_h * 0.4, y + row_h * 0.8], color="0.7", lw=0.6)
+            if d < levels:
+                ax = fig.add_axes((cx - size / 2, y, size, row_h * 0.8))
+                _draw_filter(ax, filters[2 ** d - 1 + j], input_shape)
+                if n <= 16:
+                    ax.set_title(f"{2 ** d - 1 + j}", fontsize=6, pad=1)
+            else:
+                line_ax.text(cx, y + row_h * 0.7, _top_text(q[j], class_names), ha="center", va="top",
+                             fontsize=6 if n <= 16 else 5, rotation=0 if n <= 16 else 90)
+    cut = ("" if levels == depth else
+           f"\nlevel{'s' if depth - levels > 1 else ''} {levels}{f'..{depth - 1}' if depth - levels > 1 else ''} not drawn: "
+           f"under each box, the mean of the {2 ** (depth - levels)} leaves below it")
+    legend = "grey = 0" if len(input_shape) == 3 and input_shape[0] == 3 else "red +, blue -"
+    fig.suptitle(f"{subject}, depth {depth}: filters ({legend}) and leaves' top classes{cut}", fontsize=9)
+    return _save_png(fig, path)
+
+
+def plot_tree_path(example: np.ndarray, filters: np.ndarray, decisions: list[dict], leaf_q: np.ndarray, class_names,
+                   input_shape: tuple, path, k: int = 5, title: str | None = None) -> Path:
+    """One example's path through a soft tree: the input, each node's filter on the way with
+    its probability of the turn taken, and the top-k classes of the leaf it ends in.
+
+    ``example`` (D,) normalized; ``filters`` (depth, D): the nodes on the path; ``decisions``
+    as :meth:`specialists.models.SoftDecisionTree.decision_paths` gives them; ``leaf_q`` (C,).
+    """
+    n = len(decisions)
+    fig = _figure(figsize=(1.3 * (n + 3), 2.4))
+    ax = fig.add_subplot(1, n + 3, 1)
+    if len(input_shape) == 3:  # the input as a picture: min-max scaled, grey for one channel
+        img = example.reshape(input_shape).transpose(1, 2, 0)
+        img = (img - img.min()) / max(float(np.ptp(img)), 1e-12)
+        ax.imshow(img[..., 0] if input_shape[0] == 1 else img, cmap="gray", interpolation="nearest")
+    else:
+        _draw_filter(ax, example, input_shape)
+    ax.set_title("input", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for i, d in enumerate(decisions):
+        ax = fig.add_subplot(1, n + 3, i + 2)
+        _draw_filter(ax, filters[i], input_shape)
+        ax.set_title(f"node {d['node']}\n{d['turn']} {d['prob']:.2f}", fontsize=7)
+    top = np.argsort(-leaf_q)[:k][::-1]
+    ax = fig.add_subplot(1, n + 3, (n + 2, n + 3))
+    ax.barh(np.arange(len(top)), leaf_q[top], color="#1f77b4")
+    ax.set_yticks(np.arange(len(top)))
+    ax.set_yticklabels([class_names[c][:14] for c in top], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_title("leaf", fontsize=8)
+    ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle(title or "one example's path", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, path)

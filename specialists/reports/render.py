@@ -8,12 +8,23 @@ shows has changed, and no stage renders another stage's report.
 
 from __future__ import annotations
 
+import torch
+
 from ..core.covariance import normalize_columns
 from ..rundir import Run
+from ..rundir.config import TREE, student_model_config
 from ..rundir.io import read_json, read_npy, write_text
 from . import ablation, evaluation, student
 from .controls import control_rows
-from .plots import plot_ablation, plot_by_coverage, plot_covariance, plot_curves, plot_specialists
+from .plots import (
+    plot_ablation,
+    plot_by_coverage,
+    plot_covariance,
+    plot_curves,
+    plot_specialists,
+    plot_tree,
+    plot_tree_path,
+)
 
 MAX_NAMED_CLASSES = 60  # the covariance plot names classes up to this many
 
@@ -63,6 +74,26 @@ def ablation_report(run: Run) -> None:
 def student_report(run: Run) -> None:
     """``student/student.md``."""
     write_text(run.student_md, student.render_markdown(read_json(run.student.metrics)))
+
+
+def tree_plots(run: Run) -> None:
+    """A soft tree student's ``student/tree.png`` (its filters and leaves) and
+    ``student/tree_path.png`` (the path of the first test example)."""
+    model_cfg = student_model_config(run.cfg)
+    if model_cfg.name != TREE or not run.student.weights.exists():
+        return
+    info, cpu = run.data_info(), torch.device("cpu")
+    shape, names = tuple(info["input_shape"]), info["class_names"]
+    tree = run.load_model(run.student, info["num_classes"], model_cfg).to(cpu)
+    filters = tree.inner.weight.detach().numpy()
+    plot_tree(filters, tree.leaf_log_q().exp().detach().numpy(), names, shape, run.tree_png,
+              subject=f"soft decision tree student (teacher: {run.cfg.student.teacher})")
+    x = run.data.batcher(run.data.test, cpu).batch(torch.arange(1))[0]
+    (path,) = tree.decision_paths(x)
+    plot_tree_path(x[0].flatten().numpy(), filters[[d["node"] for d in path["decisions"]]], path["decisions"],
+                   path["leaf_q"].numpy(), names, shape, run.tree_path_png,
+                   title=f"test example 0 (class {names[int(run.data.test.y[0])]}): path probability "
+                         f"{path['path_prob']:.3f}")
 
 
 def run_summary(run: Run) -> str:

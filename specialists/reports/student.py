@@ -16,21 +16,57 @@ def gain_sentence(result: dict) -> str:
                     f"specialists add; run with student.teacher=ensemble and student.controls=true for that.")
         return ("The born-again control was not trained (student.controls=false), so what the specialists add "
                 "beyond distillation alone is not measured here.")
-    pts = gain["points"]
-    ci = gain.get("ci95_points")
-    ci_txt = f" (95% paired-bootstrap interval [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " ("
-    ci_txt += f"{', ' if ci else ''}{gain['test_examples']} test examples)"
-    if ci and ci[0] <= 0 <= ci[1]:
-        verdict = "a difference this test set cannot tell from zero"
-    elif pts > 0:
-        verdict = "a gain the specialists bring beyond distillation alone"
-    else:
-        verdict = "so the specialists added nothing beyond distillation alone; the born-again student did better"
+    pts, ci_txt = gain["points"], _interval(gain)
+    verdict = _verdict(gain, "a gain the specialists bring beyond distillation alone",
+                       "so the specialists added nothing beyond distillation alone; the born-again student did better")
     ens_gain = 100 * (c["ensemble"]["test_top1"] - c["generalist"]["test_top1"])
     return (f"Distilling the routed ensemble instead of the generalist alone changed the student's test top-1 by "
             f"{pts:+.2f} points{ci_txt}, {verdict}; the routed ensemble itself is {ens_gain:+.2f} points over the "
             f"generalist" + (f" and the two-generalist average {100 * (c['two_generalists']['test_top1'] - c['generalist']['test_top1']):+.2f}."
                              if "two_generalists" in c else "."))
+
+
+def _verdict(gain: dict, helped: str, hurt: str) -> str:
+    """``helped`` or ``hurt`` by the sign of ``gain["points"]``, unless its interval holds 0."""
+    ci = gain.get("ci95_points")
+    if ci and ci[0] <= 0 <= ci[1]:
+        return "a difference this test set cannot tell from zero"
+    return helped if gain["points"] > 0 else hurt
+
+
+def _interval(gain: dict) -> str:
+    ci = gain.get("ci95_points")
+    return (f" (95% paired-bootstrap interval [{ci[0]:+.2f}, {ci[1]:+.2f}], {gain['test_examples']} test examples)"
+            if ci else f" ({gain['test_examples']} test examples)")
+
+
+def tree_lines(result: dict) -> list[str]:
+    """A soft tree student's section: max-path and mixture top-1 beside the same tree on hard
+    labels, and one sentence on what distillation did for the tree."""
+    t = result.get("tree")
+    if not t:
+        return []
+    d, h = t["test_top1"]["distilled"], t["test_top1"]["hard_labels"]
+    lines = ["## The soft decision tree", "",
+             f"Depth {t['depth']} ({t['inner_nodes']} inner nodes, each one filter; {t['leaves']} leaves), "
+             f"loss `{t['loss']}`, balance penalty {t['penalty']} (running-average window {t['window']} steps at the "
+             f"root, doubling per level), learned inverse temperature {t['beta']:.3f}. The tree's prediction is the "
+             "leaf of its most probable path (one readable path per decision); the mixture lets every leaf speak, "
+             "weighted by its path probability.", "",
+             "| soft tree | test top-1, max path | test top-1, mixture |", "|---|---:|---:|",
+             f"| distilled from the {result['teacher']} | {d['max_path']:.4f} | {d['mixture']:.4f} |",
+             f"| hard labels only | {h['max_path']:.4f} | {h['mixture']:.4f} |", ""]
+    gain = t.get("gain_over_hard_labels")
+    if gain:
+        verdict = _verdict(gain, "distillation helped the tree",
+                           "distillation did not help the tree: the hard-label tree did better")
+        lines += [f"Distilling the {result['teacher']} into the tree changed its max-path test top-1 by "
+                  f"{gain['points']:+.2f} points over the same tree trained on hard labels{_interval(gain)}: "
+                  f"{verdict}.", ""]
+    lines += ["Pictures: `tree.png` (every filter, level by level, and the leaves' top classes) and "
+              "`tree_path.png` (one test example's path); `specialists predict RUN_DIR FILE --model student "
+              "--explain` prints any input's path.", ""]
+    return lines
 
 
 def render_markdown(result: dict) -> str:
@@ -43,7 +79,7 @@ def render_markdown(result: dict) -> str:
              f"Inference time per example: median of {result['timing_repeats']} interleaved passes over {result['timing_examples']} test examples.", "",
              "| model | test top-1 | change vs generalist | inference time / example | x generalist |",
              "|---|---:|---:|---:|---:|"]
-    for key in ("generalist", "ensemble", "student", "born_again", "two_generalists"):
+    for key in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists"):
         if key not in c:
             continue
         r = c[key]
@@ -51,7 +87,7 @@ def render_markdown(result: dict) -> str:
         rel = f"{t / g_t:.2f}x" if t and g_t else "-"
         lines.append(f"| {r['name']} | {r['test_top1']:.4f} | {r['test_top1'] - g:+.4f} | {seconds(t)} | {rel} |")
     agree = result.get("agreement_with_teacher")
-    lines += ["", gain_sentence(result), ""]
+    lines += ["", gain_sentence(result), ""] + tree_lines(result)
     if agree is not None:
         lines += [f"The student agrees with its teacher's top-1 on {agree:.1%} of the test examples "
                   f"(with the routed ensemble on {result['agreement_with_ensemble']:.1%}).", ""]
@@ -71,6 +107,7 @@ def control_rows(result: dict) -> list[dict]:
     rows = []
     t = seconds(c["student"].get("seconds_per_example"))
     for key, note in (("student", f"one model distilled from the {result['teacher']} teacher ({t} per example)"),
+                      ("hard_labels", "the same soft tree, same steps, trained on the labels alone"),
                       ("born_again", "same student, same steps, taught by the generalist alone"),
                       ("two_generalists", "a second generalist (seed + 1) averaged with the first")):
         if key in c:

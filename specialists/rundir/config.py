@@ -28,6 +28,7 @@ from ..core.losses import LOSS_KINDS
 from ..core.optim import OPTIMIZERS, SCHEDULES
 from ..core.scoring import ABLATION_ORDERS
 from ..core.subsets import MODES
+from ..core.trees import TREE_LOSSES
 from ..data import AUGMENTATIONS, DATASETS, HELD_IN_SPLITS, STORAGES
 from ..data.synthetic import VARIANTS
 from ..data.user import python_entry
@@ -38,6 +39,7 @@ from ..models import check_model_name
 # The config choices implemented above this layer: the student stage's teachers, the executors
 # of independent jobs (engine/executors.py).
 TEACHERS = ("ensemble", "generalist", "probs")
+TREE = "soft_tree"  # the student model trained with its own loss (specialists/models/soft_tree.py)
 EXECUTORS = ("local", "ray")
 
 
@@ -72,7 +74,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "cnn"  # a key of specialists.models.MODELS, or timm:ARCH, torchvision:ARCH, python:module:function
     width: Optional[int] = None  # base channels (cnn 32, resnet 64, resnet8 32) or hidden units (mlp 256); None = the model's default
-    depth: int = 2  # hidden layers (mlp)
+    depth: Optional[int] = None  # hidden layers (mlp, default 2); levels of decisions (soft_tree student, default 8)
     dropout: float = 0.0
     pretrained: Optional[str] = None  # a local weights file (safetensors, or a .pt/.pth/.bin state dict)
 
@@ -168,12 +170,24 @@ class StudentModelConfig:
 
 
 @dataclass
+class SoftTreeConfig:
+    """Training a ``soft_tree`` student (its targets: ``distill.alpha`` of the teacher's soft
+    targets at ``distill.temperature``, the rest one-hot labels; ``distill.loss`` is for neural
+    students)."""
+
+    loss: str = "expected"  # expected (each leaf's cross-entropy, path-weighted) | mixture (the mixture's)
+    penalty: float = 0.1  # lambda of the balance penalty, times 2^-depth at each level
+    window: float = 1.0  # the root's running-average window in steps, doubling per level
+
+
+@dataclass
 class StudentConfig(TrainConfig):
     enabled: bool = True
     teacher: str = "ensemble"  # ensemble | generalist | probs
     teacher_probs: Optional[str] = None  # .npy (N_train, C), for teacher=probs
     controls: bool = True  # also train the born-again student and a second generalist
     model: StudentModelConfig = field(default_factory=StudentModelConfig)
+    tree: SoftTreeConfig = field(default_factory=SoftTreeConfig)
 
 
 @dataclass
@@ -377,6 +391,8 @@ def validate(cfg) -> None:
         _check(d.path is not None, "data.path", f"data set '{d.name}' needs data.path")
         _check(d.download or Path(d.path).exists(), "data.path", f"'{d.path}' does not exist")
 
+    _check(cfg.model.name != TREE, "model.name", f"'{TREE}' is a student (student.model.name={TREE}); the "
+           "generalist and the specialists need a network with a classifier head")
     for key in ("model", "student.model"):
         name = OmegaConf.select(cfg, f"{key}.name")
         if name is not None:
@@ -445,6 +461,14 @@ def validate(cfg) -> None:
 
     st = cfg.student
     _choice(cfg, "student.teacher", TEACHERS)
+    _choice(cfg, "student.tree.loss", TREE_LOSSES)
+    _check(st.tree.penalty >= 0, "student.tree.penalty", "must be >= 0")
+    _check(st.tree.window >= 1, "student.tree.window", "must be >= 1 (steps)")
+    if st.model.name == TREE:
+        _check(st.model.depth is None or 1 <= st.model.depth <= 16, "student.model.depth",
+               f"a {TREE} needs 1 to 16 levels of decisions")
+        for key in ("width", "dropout", "pretrained"):
+            _check(st.model[key] is None, f"student.model.{key}", f"does not apply to a {TREE} (only depth does)")
     if st.teacher == "probs":
         _check(st.teacher_probs is not None, "student.teacher_probs", "required when student.teacher=probs")
     if st.teacher_probs is not None:
@@ -464,9 +488,12 @@ def check_class_counts(cfg, num_classes: int) -> None:
 
 def student_model_config(cfg: Config) -> DictConfig:
     """The student's model section: the generalist's, with the student's non-null fields over it
-    (its weights start from ``student.model.pretrained`` only, never from the generalist's)."""
+    (its weights start from ``student.model.pretrained`` only, never from the generalist's).
+    A student of another architecture keeps none of the generalist's settings: a width or
+    depth means something else in another model."""
     own = {k: v for k, v in to_dict(cfg.student.model).items() if v is not None}
-    return OmegaConf.merge(cfg.model, {"pretrained": None}, own)
+    base = cfg.model if own.get("name", cfg.model.name) == cfg.model.name else OmegaConf.structured(ModelConfig)
+    return OmegaConf.merge(base, {"pretrained": None}, own)
 
 
 def config_values(cfg, keys) -> dict:
@@ -491,5 +518,5 @@ __all__ = [
     "SpecialistsConfig", "CombineConfig", "EvaluateConfig", "AblateConfig", "StudentConfig",
     "load_config", "config_from_yaml_text", "to_yaml", "to_dict", "validate", "check_class_counts",
     "config_values", "student_model_config", "MISSING", "TEACHERS", "EXECUTORS", "LaunchConfig",
-    "DistributedTrainConfig",
+    "DistributedTrainConfig", "SoftTreeConfig", "TREE",
 ]

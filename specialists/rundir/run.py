@@ -216,6 +216,10 @@ class Run:
         return ModelFiles(self.dir / STUDENT)
 
     @property
+    def export_dir(self) -> Path:  # `specialists export`'s default --out
+        return self.dir / "export"
+
+    @property
     def student_md(self) -> Path:
         return self.dir / STUDENT / "student.md"
 
@@ -226,6 +230,18 @@ class Run:
     @property
     def second_generalist(self) -> ModelFiles:
         return ModelFiles(self.dir / STUDENT / "second_generalist")
+
+    @property
+    def hard_labels(self) -> ModelFiles:  # a soft tree student's control: the same tree on the labels alone
+        return ModelFiles(self.dir / STUDENT / "hard_labels")
+
+    @property
+    def tree_png(self) -> Path:  # a soft tree student's filters and leaves
+        return self.dir / STUDENT / "tree.png"
+
+    @property
+    def tree_path_png(self) -> Path:  # one test example's path through the soft tree
+        return self.dir / STUDENT / "tree_path.png"
 
     # --- models --------------------------------------------------------------------------
     def new_model(self, num_classes: int | None = None, model_cfg=None) -> Classifier:

@@ -49,7 +49,7 @@ STAGES: tuple[Stage, ...] = (
           ablate.ablate, (render.ablation_plot, render.ablation_report, render.evaluation_report),
           "the ablation over the number of specialists, and the compute-matched control", subrun=True),
     Stage("student", "distill", STUDENT, "evaluate", ("student", "distill"),
-          student.distill, (render.student_report, render.evaluation_report, render.ablation_report),
+          student.distill, (render.student_report, render.tree_plots, render.evaluation_report, render.ablation_report),
           "distil the ensemble into one student, beside the born-again control", enabled="student.enabled"),
 )
 

@@ -8,6 +8,12 @@ match it serves at one. The student trains from scratch with the KD loss
 student sees (default), the ``generalist`` alone, or a black-box table of ``probs``
 (``student.teacher_probs``, validated before anything is trained).
 
+A ``soft_tree`` student (:mod:`specialists.models.soft_tree`) trains with the tree's own loss
+toward the same targets, and always beside the same tree trained on the labels alone
+(``student/hard_labels/``, same seed and batches): its ``metrics.json`` adds a ``tree``
+section (max-path and mixture top-1 of both, the gain over the hard-label tree, the paths of a
+few test examples).
+
 Controls (``student.controls`` with the ensemble teacher), each resumable and skipped when its
 model exists: the born-again student (same student, same steps, same seed, same batches) in
 ``student/born_again/``, and a second generalist from seed ``seed + 1`` in
@@ -42,9 +48,9 @@ from ..engine.trainers import (
     train_student,
 )
 from ..errors import SpecialistsError
-from ..inference import SingleModel, SpecialistEnsemble
+from ..inference import SingleModel, SpecialistEnsemble, Student
 from ..rundir import Run, to_dict
-from ..rundir.config import student_model_config
+from ..rundir.config import TREE, student_model_config
 from ..rundir.io import file_sha256, read_json, write_json
 
 log = logging.getLogger("specialists")
@@ -99,6 +105,31 @@ def _teacher(run: Run):
     return _probs_teacher(run)[0]
 
 
+@torch.inference_mode()
+def _mixture_top1(run: Run, tree) -> float:
+    """A soft tree's test top-1 when every leaf speaks (the mixture ``sum_l P_l Q_l``)."""
+    batcher = run.data.batcher(run.data.test, run.device)
+    p = torch.cat([tree.mixture_proba(x).float().cpu() for x, _ in batcher.iterate(run.cfg.student.eval_batch_size)])
+    return metrics.accuracy(p, run.data.test.y)
+
+
+def _tree_summary(run: Run, tree, hard, top1: dict, gain: dict | None, explained: int = 3) -> dict:
+    """The soft tree's own figures: its size and settings, max-path (``top1``, already measured)
+    and mixture top-1 of it and of its hard-label control, and the paths of the first
+    ``explained`` test examples."""
+    st = run.cfg.student
+    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(min(explained, len(run.data.test))))[0]
+    examples = Student(tree, run.data_info(), run.device).explain(x, normalized=True, k=3)
+    return {
+        "depth": tree.depth, "inner_nodes": int(tree.inner.out_features), "leaves": int(tree.leaves.shape[0]),
+        "beta": float(tree.beta.detach()), "loss": st.tree.loss, "penalty": st.tree.penalty, "window": st.tree.window,
+        "test_top1": {"distilled": {"max_path": top1["student"], "mixture": _mixture_top1(run, tree)},
+                      "hard_labels": {"max_path": top1["hard_labels"], "mixture": _mixture_top1(run, hard)}},
+        "gain_over_hard_labels": gain,
+        "examples": [{"test_index": i, **e} for i, e in enumerate(examples)],
+    }
+
+
 def student_job(run, which: str) -> list[dict]:
     """One model of the student stage as an independent job (here, or as a Ray task):
     ``student`` (from ``student.teacher``), ``born_again`` (the same student taught by the
@@ -116,15 +147,21 @@ def student_job(run, which: str) -> list[dict]:
                                                    desc="second generalist (seed + 1)"),
                           lambda: run.save_model(files.weights, model, model=to_dict(cfg.model), num_classes=C,
                                                  seed=cfg.seed + 1))
-    files = run.student if which == "student" else run.born_again
+    if which == "student":
+        files, teacher = run.student, _teacher(run)
+        desc = f"student (teacher: {teacher.name})"
+    elif which == "born_again":
+        files, teacher = run.born_again, GeneralistTeacher(run.load_generalist(), run.device)
+        desc = "born-again student (teacher: generalist)"
+    else:  # hard_labels: a soft tree's control, on the very batches its distilled twin sees
+        files, teacher, desc = run.hard_labels, None, "the same tree on hard labels"
     files.dir.mkdir(parents=True, exist_ok=True)
-    teacher = _teacher(run) if which == "student" else GeneralistTeacher(run.load_generalist(), run.device)
-    desc = f"student (teacher: {teacher.name})" if which == "student" else "born-again student (teacher: generalist)"
     model = new_student(run, cfg.seed)
+    augment = None if teacher is not None else cfg.student.teacher != "probs"
     return train_once(files, model,
-                      lambda: train_student(run, model, teacher, files.state, seed=cfg.seed, desc=desc),
+                      lambda: train_student(run, model, teacher, files.state, seed=cfg.seed, desc=desc, augment=augment),
                       lambda: run.save_model(files.weights, model, model=to_dict(student_model_config(cfg)),
-                                             num_classes=C, teacher=teacher.name))
+                                             num_classes=C, teacher=teacher.name if teacher is not None else "labels"))
 
 
 def distill(run: Run) -> dict:
@@ -136,10 +173,13 @@ def distill(run: Run) -> dict:
     if st.teacher == "probs":  # validate the table before anything is built or written
         probs_info = _probs_teacher(run)[1]
     controls = st.controls and st.teacher == "ensemble"
-    kinds = ["student"] + (["born_again", "second_generalist"] if controls else [])
-    names = {"student": "student", "born_again": "born-again student", "second_generalist": "second generalist"}
+    is_tree = student_model_config(cfg).name == TREE
+    kinds = ["student"] + (["hard_labels"] if is_tree else []) + (["born_again", "second_generalist"] if controls else [])
+    names = {"student": "student", "born_again": "born-again student", "second_generalist": "second generalist",
+             "hard_labels": "soft tree on hard labels"}
     histories = dict(zip(kinds, run_jobs([Job(names[k], student_job, (run, k)) for k in kinds], cfg.launch)))
-    history, ba_history, sg_history = (histories.get(k) for k in ("student", "born_again", "second_generalist"))
+    history, ba_history, sg_history, hl_history = (histories.get(k) for k in
+                                                   ("student", "born_again", "second_generalist", "hard_labels"))
 
     def trained(files, model_cfg=None):
         return prepare_model(run.load_model(files, ds.num_classes, model_cfg), device, ds.is_image).eval()
@@ -150,6 +190,7 @@ def distill(run: Run) -> dict:
     student = trained(run.student, student_model_config(cfg))
     born_again = trained(run.born_again, student_model_config(cfg)) if controls else None
     second = trained(run.second_generalist) if controls else None
+    hard = trained(run.hard_labels, student_model_config(cfg)) if is_tree else None
     teacher_name = st.teacher
 
     # --- test metrics --------------------------------------------------------------------
@@ -165,14 +206,20 @@ def distill(run: Run) -> dict:
     teacher_test = {"ensemble": p_ens, "generalist": p_gen}.get(teacher_name)
     control: dict = {}
     probs = {"student": p_student}
+
+    def student_control(key: str, model, teacher: str, history) -> dict:
+        """A control student's test figures (its probabilities kept in ``probs`` for the gains)."""
+        probs[key] = _test_probs(run, model)
+        top1[key] = metrics.accuracy(probs[key], y)
+        return {"test_top1": top1[key], "test_top5": metrics.accuracy(probs[key], y, 5),
+                "test_nll": metrics.nll(probs[key], y), "teacher": teacher,
+                "train_seconds_per_epoch": _median_epoch_seconds(history), "history": history}
+
     if born_again is not None:
-        probs["born_again"] = _test_probs(run, born_again)
-        top1["born_again"] = metrics.accuracy(probs["born_again"], y)
-        control["born_again"] = {
-            "test_top1": top1["born_again"], "test_top5": metrics.accuracy(probs["born_again"], y, 5),
-            "test_nll": metrics.nll(probs["born_again"], y), "teacher": "generalist",
-            "agreement_with_generalist": _agreement(probs["born_again"], p_gen),
-            "train_seconds_per_epoch": _median_epoch_seconds(ba_history), "history": ba_history}
+        control["born_again"] = {**student_control("born_again", born_again, "generalist", ba_history),
+                                 "agreement_with_generalist": _agreement(probs["born_again"], p_gen)}
+    if hard is not None:
+        control["hard_labels"] = student_control("hard_labels", hard, "labels", hl_history)
     if second is not None:
         p_second = _test_probs(run, second)
         probs["two_generalists"] = (p_gen + p_second) / 2
@@ -199,15 +246,21 @@ def distill(run: Run) -> dict:
     names = {"generalist": "generalist", "ensemble": "routed ensemble (generalist + specialists)",
              "student": f"student of the {'ensemble' if teacher_name == 'ensemble' else teacher_name + ' teacher'}",
              "born_again": "born-again student (teacher: generalist)",
-             "two_generalists": "two-generalist average (second seed)"}
+             "two_generalists": "two-generalist average (second seed)",
+             "hard_labels": "the same tree on hard labels"}
+    if is_tree:
+        names["student"] = f"soft tree distilled from the {teacher_name}"
     comparisons = {k: {"name": names[k], "test_top1": top1[k], "seconds_per_example": secs.get(k)}
-                   for k in ("generalist", "ensemble", "student", "born_again", "two_generalists") if k in top1}
+                   for k in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists")
+                   if k in top1}
 
-    gain = None
-    if "born_again" in probs:
-        boot = metrics.paired_bootstrap(metrics.topk_correct(probs["born_again"], y),
+    def gain_over(control_key: str) -> dict | None:
+        """The student's test top-1 minus a control's, in points, with a paired-bootstrap interval."""
+        if control_key not in probs:
+            return None
+        boot = metrics.paired_bootstrap(metrics.topk_correct(probs[control_key], y),
                                         metrics.topk_correct(p_student, y), cfg.evaluate.bootstrap, cfg.seed)
-        gain = {"points": 100 * (top1["student"] - top1["born_again"]),
+        return {"points": 100 * (top1["student"] - top1[control_key]),
                 "ci95_points": [100 * c for c in boot["ci95"]] if boot.get("ci95") else None,
                 "test_examples": int(len(y))}
 
@@ -224,7 +277,8 @@ def distill(run: Run) -> dict:
         "teacher": teacher_name,
         "teacher_probs": probs_info,
         "model": model_cfg,
-        "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha, "loss": cfg.distill.loss,
+        "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha,
+        "loss": f"soft tree: {st.tree.loss}" if is_tree else cfg.distill.loss,
         "agreement_with_teacher": _agreement(p_student, teacher_test) if teacher_test is not None else None,
         "agreement_with_ensemble": _agreement(p_student, p_ens),
         "agreement_with_generalist": _agreement(p_student, p_gen),
@@ -241,7 +295,8 @@ def distill(run: Run) -> dict:
         "top1_source": "evaluation.json" if ev else "computed",
         "control": control,
         "comparisons": comparisons,
-        "gain_over_born_again": gain,
+        "gain_over_born_again": gain_over("born_again"),
+        "tree": _tree_summary(run, student, hard, top1, gain_over("hard_labels")) if is_tree else None,
         "history": history,
     }
     write_json(run.student.metrics, result)
