@@ -189,6 +189,45 @@ def test_penalty_gradient_flows_through_the_batch_share():
     assert got.abs().sum() > 0
 
 
+def test_tree_targets_mix_the_teacher_and_the_labels_by_hand():
+    """alpha softmax(z / T) + (1 - alpha) (one-hot smoothed by s); no teacher: the labels alone."""
+    from types import SimpleNamespace
+
+    from specialists.engine.steps import TreeTargets
+
+    z = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]
+    y = torch.tensor([0, 1])
+    T, alpha, s = 2.0, 0.7, 0.1
+    teacher = lambda x, idx: torch.tensor(z)  # noqa: E731  (logits; a probs teacher hands log p)
+    cfg = SimpleNamespace(loss="expected", penalty=0.0, window=1.0)
+    got = TreeTargets(teacher, T, alpha, cfg, label_smoothing=s).targets(None, y, None, 3)
+    for b in range(2):
+        soft = _softmax([v / T for v in z[b]])
+        hard = [(1 - s) * (k == int(y[b])) + s / 3 for k in range(3)]
+        np.testing.assert_allclose(got[b].tolist(), [alpha * a + (1 - alpha) * h for a, h in zip(soft, hard)],
+                                   rtol=1e-6)
+    labels_only = TreeTargets(None, T, alpha, cfg).targets(None, y, None, 3)
+    assert labels_only.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_a_tree_on_vectors_flattens_them_and_draws_its_filters_as_strips(tmp_path):
+    from specialists.reports.plots import plot_tree, plot_tree_path
+
+    torch.manual_seed(0)
+    t = SoftDecisionTree((12,), 4, depth=3)
+    x = torch.randn(5, 12)
+    z, _, leaf_lp = t.paths(x)
+    torch.testing.assert_close(z, t.beta * (x @ t.inner.weight.T + t.inner.bias))
+    assert t(x).shape == (5, 4) and torch.allclose(leaf_lp.exp().sum(1), torch.ones(5))
+    names = ["a", "b", "c", "d"]
+    plot_tree(t.inner.weight.detach().numpy(), t.leaf_log_q().exp().detach().numpy(), names, (12,), tmp_path / "t.png")
+    (path,) = t.decision_paths(x[:1])
+    filters = t.inner.weight.detach().numpy()[[d["node"] for d in path["decisions"]]]
+    plot_tree_path(x[0].numpy(), filters, path["decisions"], path["leaf_q"].numpy(), names, (12,), tmp_path / "p.png")
+    for f in ("t.png", "p.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ------------------------------------------------------------------ config refusals
 @pytest.mark.parametrize("override, message", [
     (["model.name=soft_tree"], "model.name"),
