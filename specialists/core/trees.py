@@ -112,14 +112,15 @@ def right_shares(node_log_probs: torch.Tensor, branch_logits: torch.Tensor, eps:
     return alpha, mass > eps
 
 
-def window_decays(depth: int, window: float) -> torch.Tensor:
-    """Decay ``gamma_d = 1 - 1 / (window * 2^d)`` of each inner node's running average (N,).
+def window_decays(depths: torch.Tensor, window: float) -> torch.Tensor:
+    """Decay ``gamma_d = 1 - 1 / (window * 2^d)`` of each inner node's running average (N,),
+    from the nodes' depths (N,) (:func:`node_depths`), on their device.
 
     The window (in steps) doubles with each level: a node d levels down sees about 2^-d of the
     batch, so its share needs about 2^d batches for the same number of examples (the paper's
     remedy for the vanishing sample at deep nodes). ``window = 1``: the root uses the batch alone.
     """
-    return 1.0 - 1.0 / (window * torch.pow(2.0, node_depths(depth).double()))
+    return 1.0 - 1.0 / (window * torch.pow(2.0, depths.double()))
 
 
 def running_shares(previous: torch.Tensor, alpha: torch.Tensor, reached: torch.Tensor,

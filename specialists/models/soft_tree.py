@@ -125,7 +125,7 @@ class SoftDecisionTree(nn.Module):
         if not penalty:
             return data
         alpha, reached = right_shares(node_lp, z)
-        average = running_shares(self.shares, alpha, reached, window_decays(self.depth, window).to(alpha))
+        average = running_shares(self.shares, alpha, reached, window_decays(self.depths, window).to(alpha))
         if self.training:
             self.shares.copy_(average.detach())
         shares = straight_through(average, torch.where(reached, alpha, average.detach()))
