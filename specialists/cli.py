@@ -20,7 +20,7 @@ def _usage() -> str:
     for s in STAGES:
         extra = "".join(f" [--{o} ...]" for o in s.options)
         lines.append(f"  specialists {s.verb} CONFIG [key=value ...]{extra}    {s.help}")
-    lines.append("  specialists predict RUN_DIR FILE [FILE ...] [--model ensemble|student|generalist] [--explain]")
+    lines.append("  specialists predict RUN_DIR [FILE ...] [--text TEXT ...] [--model ensemble|student|generalist] [--explain]")
     lines.append("  specialists export RUN_DIR [--model student|generalist|ensemble] [--format onnx] [--out DIR]    "
                  "ONNX graphs + what serving needs, verified against PyTorch")
     return "\n".join(lines)
@@ -110,9 +110,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     from .device import DEVICES
     from .inference.predict import MODELS, predict_files
 
-    p = argparse.ArgumentParser(prog="specialists predict", description="classify image or .npy files")
+    p = argparse.ArgumentParser(prog="specialists predict", description="classify image or .npy files, or texts")
     p.add_argument("run_dir")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*", help="image or .npy files; for a text run .txt (a text per line) or .jsonl")
+    p.add_argument("--text", action="append", default=[], help="a text to classify (a text run; repeatable)")
     p.add_argument("--model", choices=MODELS, default="ensemble")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -121,11 +122,13 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the run's files against the sizes and sha256 recorded when they were written")
     args = p.parse_args(argv)
+    if not args.files and not args.text:
+        p.error("give FILE(s) or --text")
     setup_logging()
 
     def go():
         return predict_files(args.run_dir, args.files, model=args.model, top_k=args.top_k, device=args.device,
-                             verify=not args.no_verify, explain=args.explain)
+                             verify=not args.no_verify, explain=args.explain, texts=args.text)
 
     return _guard(go)
 

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from specialists.models import MODELS, Classifier, build_model
+from specialists.models import MODELS, TEXT_MODELS, Classifier, build_model
 from specialists.rundir.config import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
@@ -39,7 +39,7 @@ def forward_backward(model: nn.Module, shape: tuple, batch: int = 3):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - {"soft_tree"}))  # a student, not a Classifier: test_trees.py
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"soft_tree"} - TEXT_MODELS))  # a student: test_trees.py; text: test_text_models.py
 def test_every_model_runs_forward_and_backward_on_every_input_kind(name):
     torch.manual_seed(0)
     shapes = IMAGE_SHAPES + (VECTOR_SHAPES if supports_vectors(name) else [])

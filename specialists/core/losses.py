@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 LOSS_KINDS = ("kl", "mse_logits", "mse_probs")
 LOGIT_FLOOR = -30.0  # stands in for log(0) where a loss needs finite teacher logits
+UNLABELLED = -100  # the label of an example that has none (a text only a black-box teacher answered)
 
 
 def log_probs(p: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,11 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
 
 def hard_loss(student_logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy with the true labels (B,)."""
-    return F.cross_entropy(student_logits.float(), y, label_smoothing=label_smoothing)
+    """Cross-entropy with the true labels (B,), averaged over the labelled rows (those whose label
+    is not ``UNLABELLED``; 0 for a batch without any: no host sync to ask)."""
+    total = F.cross_entropy(student_logits.float(), y, ignore_index=UNLABELLED, label_smoothing=label_smoothing,
+                            reduction="sum")
+    return total / (y != UNLABELLED).sum().clamp_min(1)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor | None,

@@ -26,6 +26,7 @@ from ..device import channels_last, world
 from ..errors import SpecialistsError
 from .preprocess import Preprocessing
 from .registry import Dataset, Split
+from .tokenize import PAD_ID
 
 AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")  # data.augment (plus "auto": by data set)
 
@@ -43,7 +44,8 @@ class Batcher:
     """Batches of one split, normalized and (optionally) augmented on ``device``.
 
     ``x`` of the split: uint8 (N, C, H, W) images or float32 (N, D) vectors. Batches come out
-    as float32 (B, C, H, W) / (B, D) in normalized units and int64 labels (B,).
+    as float32 (B, C, H, W) / (B, D) in normalized units and int64 labels (B,). Token ids
+    (N, L) come out as int64 (B, L_b), cut to the batch's longest text (the rest is padding).
     """
 
     def __init__(self, ds: Dataset, split: Split, device: torch.device | str = "cpu"):
@@ -55,6 +57,8 @@ class Batcher:
         self.augment = ds.augment
         self.padding = ds.crop_padding
         self.preprocessing = Preprocessing(ds.preprocessing(), self.device)
+        # text: each row's length on the CPU, so cutting a batch to its longest needs no device sync
+        self.lengths = (split.x != PAD_ID).sum(1) if ds.is_text else None
 
     def batch(self, idx: torch.Tensor, augment: bool = False, generator: Optional[torch.Generator] = None,
               shard: tuple[int, int] = (0, 1)):
@@ -70,11 +74,14 @@ class Batcher:
         if ranks > 1:
             rows = slice(rank * len(idx) // ranks, (rank + 1) * len(idx) // ranks)
             idx, params = idx[rows], {k: v[rows] for k, v in params.items()}
-        idx = idx.to(self.device)
-        x = self.preprocessing.normalize(self.x[idx])
+        if self.lengths is not None and len(idx):
+            x = self.x[idx.to(self.device), :int(self.lengths[idx.cpu()].max())]
+        else:
+            x = self.x[idx.to(self.device)]
+        x = self.preprocessing.normalize(x)
         if aug:
             x = self._augment(x, params)
-        return channels_last(x), self.y[idx]
+        return channels_last(x), self.y[idx.to(self.device)]
 
     def _draw(self, b: int, g: Optional[torch.Generator]) -> dict:
         """The random crop offsets and flips of a batch of ``b`` (CPU tensors)."""

@@ -6,6 +6,9 @@ per-feature (vectors) mean and std of the training split. :class:`Preprocessing`
 inputs into the model's normalized float32 input with exactly those numbers: the device batcher
 calls :meth:`Preprocessing.normalize` on every batch, and the inference API calls
 :meth:`Preprocessing.__call__` on whatever a user passes.
+
+A text run's inputs are token ids (``layout`` ``NL``): nothing to normalize; raw strings are
+tokenized by the run's own tokenizer (``info["tokenizer"]``, its JSON), padded to the longest.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ class Preprocessing:
     def __init__(self, info: dict, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.input_shape = tuple(info["input_shape"])
+        self.is_text = info.get("layout") == "NL"
         self.is_image = len(self.input_shape) == 3
+        self.dtype = torch.int64 if self.is_text else torch.float32  # of the model's input
+        self._tokenizer, self._encoder = info.get("tokenizer"), None
+        self.vocab_size = info.get("vocab_size")
         # divide by 1/scale (255 for uint8 images): the division is what training always did
         self.divisor = 1.0 / float(info["scale"])
         shape = (1, -1, 1, 1) if self.is_image else (1, -1)
@@ -34,7 +41,9 @@ class Preprocessing:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """A batch in the stored layout and raw units ((B, C, H, W) or (B, D), on the device)
-        -> float32 ``(x / divisor - mean) / std``."""
+        -> float32 ``(x / divisor - mean) / std`` (token ids: as they are)."""
+        if self.is_text:
+            return x
         x = x.float()
         if self.divisor != 1.0:
             x = x / self.divisor
@@ -45,8 +54,11 @@ class Preprocessing:
 
         Images: (N, H, W, C) or (N, C, H, W) with the run's channel count, or one image
         (H, W, C) / (C, H, W), or (N, H, W) for one channel. Vectors: (N, D) (flattened).
+        Text: a string or a list of strings (tokenized), or token ids (N, L) int.
         A shape that fits none of these is one :class:`SpecialistsError` line.
         """
+        if self.is_text:
+            return self._ids(x)
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
         if not self.is_image:
             x = x.reshape(len(x), -1)
@@ -62,6 +74,28 @@ class Preprocessing:
             raise SpecialistsError(f"expected images of shape (N, {h}, {w}, {c}) or (N, {c}, {h}, {w}), "
                                    f"got {tuple(x.shape)}")
         return x.to(self.device)
+
+    @property
+    def encoder(self):
+        """A text run's :class:`~specialists.data.tokenize.TextEncoder` (built on first use)."""
+        if self._encoder is None:
+            from .tokenize import TextEncoder
+
+            self._encoder = TextEncoder.from_json(self._tokenizer, self.input_shape[0], "the run's tokenizer")
+        return self._encoder
+
+    def _ids(self, x) -> torch.Tensor:
+        if isinstance(x, str):
+            x = [x]
+        if isinstance(x, (list, tuple)) and all(isinstance(t, str) for t in x):
+            return torch.from_numpy(self.encoder.encode(x)).to(self.device)
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        if x.ndim != 2 or x.dtype.is_floating_point or x.dtype == torch.bool or x.shape[1] > self.input_shape[0]:
+            raise SpecialistsError(f"expected texts (a string or a list of strings) or token ids (N, L <= "
+                                   f"{self.input_shape[0]}) int, got {x.dtype} {tuple(x.shape)}")
+        if len(x) and (x.min() < 0 or x.max() >= self.vocab_size):
+            raise SpecialistsError(f"token ids must be in 0..{self.vocab_size - 1} (0 pads)")
+        return x.long().to(self.device)
 
     def __call__(self, x) -> torch.Tensor:
         """Raw user input -> normalized float32 model input on the device."""

@@ -1,7 +1,7 @@
 """Data set types and the one data registry.
 
 A data set is held in memory as tensors (images uint8 ``(N, C, H, W)``, vectors float32
-``(N, D)``) or streamed (each split an image source and its labels, read by DataLoader workers:
+``(N, D)``, texts as int64 token ids ``(N, L)``: :mod:`specialists.data.tokenize`) or streamed (each split an image source and its labels, read by DataLoader workers:
 :mod:`specialists.data.stream`), by ``data.storage``. A registry entry (``@register(name)``, see
 ``synthetic.py``, ``files.py`` and ``torchvision_sets.py``; or ``data.name=python:module:function``,
 ``user.py``) only has to produce a :class:`RawData`; :func:`build_dataset` then chooses the
@@ -11,13 +11,16 @@ computes the normalization that :meth:`Dataset.preprocessing` records for infere
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
+from ..device import agree, is_main
 from ..errors import SpecialistsError
 
 log = logging.getLogger("specialists")
@@ -51,18 +54,22 @@ class RawData:
     channels: Optional[int] = None
     sizes: Optional[List[tuple]] = None  # lazy: (W, H) of every train and test image, in order
     decode: Optional[Callable] = None  # lazy: resize -> (x_train, x_test) uint8 NCHW
+    kind: Optional[str] = None  # "text": x_train / x_test are lists of strings (tokenized by build_dataset)
+    val_rows: Optional[np.ndarray] = None  # rows of train that are the validation split (else a seeded share)
 
 
 @dataclass
 class Split:
-    """One split. ``x``: uint8 (N, C, H, W) or float32 (N, D) (None when streamed: ``source``
-    reads the examples); ``y``: int64 (N,)."""
+    """One split. ``x``: uint8 (N, C, H, W), float32 (N, D) or int64 token ids (N, L) (None
+    when streamed: ``source`` reads the examples); ``y``: int64 (N,); ``text``: a text data
+    set's raw strings (what an API teacher is asked about)."""
 
     x: Optional[torch.Tensor]
     y: torch.Tensor
     y_coarse: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None  # position of each example in the source's training order
     source: object = None  # streamed: example i of the split is source.image(i)
+    text: Optional[List[str]] = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -76,7 +83,7 @@ class Dataset:
     test: Split
     num_classes: int
     class_names: List[str]
-    input_shape: tuple  # (C, H, W) for images, (D,) for vectors
+    input_shape: tuple  # (C, H, W) for images, (D,) for vectors, (max_length,) for token ids
     mean: List[float]  # per channel (images, in [0,1] units) or per feature (vectors)
     std: List[float]
     augment: str  # none | crop | flip | crop_flip
@@ -85,6 +92,8 @@ class Dataset:
     fine_to_coarse: Optional[List[int]] = None
     storage: str = "memory"  # memory | stream
     workers: int = 0  # stream: DataLoader workers
+    encoder: object = None  # text: the TextEncoder (its tokenizer and id conventions)
+    tokenizer_source: Optional[dict] = None  # text: what the tokenizer was made from (reused when unchanged)
     _batchers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -108,6 +117,10 @@ class Dataset:
         return len(self.input_shape) == 3
 
     @property
+    def is_text(self) -> bool:
+        return self.encoder is not None
+
+    @property
     def has_coarse(self) -> bool:
         return self.fine_to_coarse is not None
 
@@ -117,7 +130,16 @@ class Dataset:
         return getattr(self, name)
 
     def preprocessing(self) -> dict:
-        """What inference needs to take raw inputs (saved in the run directory)."""
+        """What inference needs to take raw inputs (saved in the run directory; a text data
+        set's tokenizer is saved beside it: ``tokenizer`` holds its JSON here)."""
+        if self.is_text:
+            return {
+                "input_shape": list(self.input_shape), "layout": "NL", "dtype": "int64", "channel_order": None,
+                "scale": 1.0, "mean": [], "std": [], "class_names": list(self.class_names),
+                "num_classes": self.num_classes, "vocab_size": self.encoder.vocab_size,
+                "max_length": self.encoder.max_length, "pad_id": 0, "tokenizer_source": self.tokenizer_source,
+                "tokenizer": self.encoder.to_json(),
+            }
         return {
             "input_shape": list(self.input_shape),
             "layout": "NCHW" if self.is_image else "ND",
@@ -137,16 +159,18 @@ class DatasetEntry:
     needs_path: bool = False
     default_augment: str = "crop_flip"  # natural images; "crop" for digits/characters; "none" for vectors
     description: str = ""
+    text: bool = False  # its examples are texts (read by text models: specialists.models.text)
 
 
 DATASETS: Dict[str, DatasetEntry] = {}
 
 
-def register(name: str, *, needs_path: bool = False, default_augment: str = "crop_flip", description: str = ""):
+def register(name: str, *, needs_path: bool = False, default_augment: str = "crop_flip", description: str = "",
+             text: bool = False):
     """Decorator adding a loader ``(DataConfig) -> RawData`` to the registry."""
 
     def wrap(fn):
-        DATASETS[name] = DatasetEntry(fn, needs_path, default_augment, description)
+        DATASETS[name] = DatasetEntry(fn, needs_path, default_augment, description, text)
         return fn
 
     return wrap
@@ -292,31 +316,18 @@ def _resolution(data_cfg, raw: RawData, hint: Optional[int], where: str) -> int:
     raise SpecialistsError(f"{where}: the images are not all one square size; set data.resize=N")
 
 
-def build_dataset(data_cfg, resolution_hint: Optional[int] = None) -> Dataset:
+def build_dataset(data_cfg, resolution_hint: Optional[int] = None, saved_tokenizer: Optional[tuple] = None) -> Dataset:
     """Load ``data_cfg.name`` through the registry and return train/val/test splits, held in
     memory or streamed (``data.storage``). ``resolution_hint``: the input size a model declares
-    (a streamed data set's resolution when ``data.resize`` is not set)."""
+    (a streamed data set's resolution when ``data.resize`` is not set). ``saved_tokenizer``:
+    ``(tokenizer_source, tokenizer JSON)`` a run saved: reused when the source is unchanged."""
     entry = _entry(data_cfg)
     raw: RawData = entry.loader(data_cfg)
     where = f"data set '{data_cfg.name}'"
-
-    y_train = _check_labels(raw.y_train, where + " y_train")
-    y_test = _check_labels(raw.y_test, where + " y_test")
     lazy = raw.x_train is None
-    n_train = len(raw.train_source) if lazy else len(raw.x_train)
-    n_test = len(raw.test_source) if lazy else len(raw.x_test)
-    if n_train != len(y_train) or n_test != len(y_test):
-        raise SpecialistsError(f"{where}: x and y have different lengths")
-    if len(y_train) < 2 or len(y_test) < 1:
-        raise SpecialistsError(f"{where}: too few examples (train {len(y_train)}, test {len(y_test)})")
-    names = list(raw.class_names) if raw.class_names is not None else None
-    if raw.num_classes is None and names is None:
-        y_train, y_test, names = _sparse_labels(y_train, y_test, bool(getattr(data_cfg, "remap_labels", False)), where)
-    num_classes = raw.num_classes or (len(names) if names is not None else int(max(y_train.max(), y_test.max())) + 1)
-    if max(y_train.max(), y_test.max()) >= num_classes:
-        raise SpecialistsError(f"{where}: a label is >= the number of classes ({num_classes})")
-    if num_classes < 2:
-        raise SpecialistsError(f"{where}: only one class; a classifier needs at least two")
+    y_train, y_test, names, num_classes = _classes(data_cfg, raw, where)
+    if raw.kind == "text":
+        return _text_dataset(data_cfg, raw, where, y_train, y_test, names, num_classes, saved_tokenizer)
 
     is_image = lazy or raw.x_train.dtype == np.uint8
     storage = _storage(data_cfg, raw, is_image, where)
@@ -340,42 +351,15 @@ def build_dataset(data_cfg, resolution_hint: Optional[int] = None) -> Dataset:
         train_source = raw.train_source or ArraySource(_to_images(raw.x_train, where))
         test_source = raw.test_source or ArraySource(_to_images(raw.x_test, where))
 
-    order = np.arange(len(y_train))
-    if data_cfg.max_train is not None and data_cfg.max_train < len(y_train):
-        # a seeded, class-balanced-in-expectation subsample that keeps the source order
-        rng = np.random.default_rng(data_cfg.split_seed + 1)
-        order = np.sort(rng.choice(len(y_train), data_cfg.max_train, replace=False))
-    _check_every_class_trains(y_train[order], y_test, num_classes, names, where)
-    tr_idx, va_idx = stratified_split(y_train[order], data_cfg.val_fraction, data_cfg.split_seed)
-    tr_idx, va_idx = order[tr_idx], order[va_idx]
-
-    fine_to_coarse = None
-    if raw.y_train_coarse is not None:
-        yc = _check_labels(raw.y_train_coarse, where + " y_train_coarse")
-        mapping = np.full(num_classes, -1, np.int64)
-        mapping[y_train] = yc
-        if raw.y_test_coarse is not None:
-            mapping[y_test] = _check_labels(raw.y_test_coarse, where + " y_test_coarse")
-        fine_to_coarse = mapping.tolist()
-
-    def split(x, source, y, idx, coarse):
-        from .stream import Subset
-
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-        return Split(
-            x=t(x[idx]) if x is not None else None,
-            y=t(y[idx]),
-            y_coarse=None if coarse is None else t(np.asarray(coarse, np.int64)[idx]),
-            index=t(np.asarray(idx, np.int64)),
-            source=Subset(source, idx) if source is not None else None,
-        )
+    tr_idx, va_idx = _train_val(data_cfg, raw, y_train, y_test, names, num_classes, where)
+    fine_to_coarse = _fine_to_coarse(raw, y_train, y_test, num_classes, where)
 
     streamed = storage == "stream"
     xs = (None, None) if streamed else (x_train, x_test)
     srcs = (train_source, test_source) if streamed else (None, None)
-    train = split(xs[0], srcs[0], y_train, tr_idx, raw.y_train_coarse)
-    val = split(xs[0], srcs[0], y_train, va_idx, raw.y_train_coarse)
-    test = split(xs[1], srcs[1], y_test, np.arange(len(y_test)), raw.y_test_coarse)
+    train = _split(xs[0], srcs[0], y_train, tr_idx, raw.y_train_coarse)
+    val = _split(xs[0], srcs[0], y_train, va_idx, raw.y_train_coarse)
+    test = _split(xs[1], srcs[1], y_test, np.arange(len(y_test)), raw.y_test_coarse)
 
     augment = data_cfg.augment
     if augment == "auto":
@@ -411,6 +395,110 @@ def build_dataset(data_cfg, resolution_hint: Optional[int] = None) -> Dataset:
         fine_to_coarse=fine_to_coarse,
         storage=storage,
         workers=int(data_cfg.workers) if streamed else 0,
+    )
+
+
+def _classes(data_cfg, raw: RawData, where: str) -> tuple:
+    """The checked labels and classes: ``(y_train, y_test, names or None, num_classes)``."""
+    y_train = _check_labels(raw.y_train, where + " y_train")
+    y_test = _check_labels(raw.y_test, where + " y_test")
+    lazy = raw.x_train is None
+    n_train = len(raw.train_source) if lazy else len(raw.x_train)
+    n_test = len(raw.test_source) if lazy else len(raw.x_test)
+    if n_train != len(y_train) or n_test != len(y_test):
+        raise SpecialistsError(f"{where}: x and y have different lengths")
+    if len(y_train) < 2 or len(y_test) < 1:
+        raise SpecialistsError(f"{where}: too few examples (train {len(y_train)}, test {len(y_test)})")
+    names = list(raw.class_names) if raw.class_names is not None else None
+    if raw.num_classes is None and names is None:
+        y_train, y_test, names = _sparse_labels(y_train, y_test, bool(getattr(data_cfg, "remap_labels", False)), where)
+    num_classes = raw.num_classes or (len(names) if names is not None else int(max(y_train.max(), y_test.max())) + 1)
+    if max(y_train.max(), y_test.max()) >= num_classes:
+        raise SpecialistsError(f"{where}: a label is >= the number of classes ({num_classes})")
+    if num_classes < 2:
+        raise SpecialistsError(f"{where}: only one class; a classifier needs at least two")
+    return y_train, y_test, names, num_classes
+
+
+def _train_val(data_cfg, raw: RawData, y_train, y_test, names, num_classes: int, where: str) -> tuple:
+    """Rows of the source training set that are the train and the val split: ``raw.val_rows``
+    when the loader names them, else a seeded stratified ``data.val_fraction``; after
+    ``data.max_train``'s seeded subsample (which keeps the source order)."""
+    order = np.arange(len(y_train))
+    if data_cfg.max_train is not None and data_cfg.max_train < len(y_train):
+        # a seeded, class-balanced-in-expectation subsample that keeps the source order
+        rng = np.random.default_rng(data_cfg.split_seed + 1)
+        order = np.sort(rng.choice(len(y_train), data_cfg.max_train, replace=False))
+    if raw.val_rows is not None:
+        is_val = np.zeros(len(y_train), bool)
+        is_val[raw.val_rows] = True
+        tr_idx, va_idx = order[~is_val[order]], order[is_val[order]]
+        _check_every_class_trains(y_train[tr_idx], y_test, num_classes, names, where)
+        return tr_idx, va_idx
+    _check_every_class_trains(y_train[order], y_test, num_classes, names, where)
+    tr_idx, va_idx = stratified_split(y_train[order], data_cfg.val_fraction, data_cfg.split_seed)
+    return order[tr_idx], order[va_idx]
+
+
+def _fine_to_coarse(raw: RawData, y_train, y_test, num_classes: int, where: str) -> Optional[list]:
+    if raw.y_train_coarse is None:
+        return None
+    mapping = np.full(num_classes, -1, np.int64)
+    mapping[y_train] = _check_labels(raw.y_train_coarse, where + " y_train_coarse")
+    if raw.y_test_coarse is not None:
+        mapping[y_test] = _check_labels(raw.y_test_coarse, where + " y_test_coarse")
+    return mapping.tolist()
+
+
+def _split(x, source, y, idx, coarse, text=None) -> Split:
+    from .stream import Subset
+
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    return Split(
+        x=t(x[idx]) if x is not None else None,
+        y=t(y[idx]),
+        y_coarse=None if coarse is None else t(np.asarray(coarse, np.int64)[idx]),
+        index=t(np.asarray(idx, np.int64)),
+        source=Subset(source, idx) if source is not None else None,
+        text=[text[i] for i in idx.tolist()] if text is not None else None,
+    )
+
+
+def _text_dataset(data_cfg, raw: RawData, where: str, y_train, y_test, names, num_classes: int,
+                  saved_tokenizer: Optional[tuple]) -> Dataset:
+    """A text data set: the tokenizer from the training split (or the user's file, or the one
+    the run saved when it was made from the same), and every split as int64 ids (N, max_length)."""
+    from .tokenize import TextEncoder, texts_sha256
+
+    if data_cfg.storage == "stream":
+        raise SpecialistsError(f"{where}: texts are always held in memory (data.storage=stream is for images)")
+    tr_idx, va_idx = _train_val(data_cfg, raw, y_train, y_test, names, num_classes, where)
+    kind, L = str(data_cfg.tokenizer), int(data_cfg.max_length)
+    if kind in ("wordpiece", "bpe"):
+        train_texts = [raw.x_train[i] for i in tr_idx.tolist()]
+        source = {"kind": kind, "vocab_size": int(data_cfg.vocab_size), "texts_sha256": texts_sha256(train_texts)}
+    else:  # the user's tokenizer.json: reused while the file is unchanged
+        path = Path(kind).expanduser()
+        sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        source = {"kind": "file", "path": str(path), "sha256": sha}
+    if saved_tokenizer is not None and saved_tokenizer[0] == source:
+        encoder = TextEncoder.from_json(saved_tokenizer[1], L, "the run's tokenizer.json")
+    elif source["kind"] == "file":
+        encoder = TextEncoder.from_file(kind, L)
+    else:  # trained once, on rank 0 (WordPiece training is not reproducible: every rank takes rank 0's)
+        trained = TextEncoder.train(kind, int(data_cfg.vocab_size), train_texts, L).to_json() if is_main() else None
+        encoder = TextEncoder.from_json(agree(trained), L)
+    x_train, x_test = encoder.encode(raw.x_train, pad_to=L), encoder.encode(raw.x_test, pad_to=L)
+    return Dataset(
+        name=data_cfg.name,
+        train=_split(x_train, None, y_train, tr_idx, raw.y_train_coarse, raw.x_train),
+        val=_split(x_train, None, y_train, va_idx, raw.y_train_coarse, raw.x_train),
+        test=_split(x_test, None, y_test, np.arange(len(y_test)), raw.y_test_coarse, raw.x_test),
+        num_classes=num_classes, class_names=names if names is not None else [str(i) for i in range(num_classes)],
+        input_shape=(L,), mean=[], std=[], augment="none",
+        coarse_names=list(raw.coarse_names) if raw.coarse_names is not None else None,
+        fine_to_coarse=_fine_to_coarse(raw, y_train, y_test, num_classes, where),
+        encoder=encoder, tokenizer_source=source,
     )
 
 

@@ -6,6 +6,8 @@
 - :class:`GeneralistTeacher`: the generalist's logits (the *born-again* control).
 - :class:`ProbsTeacher`: a black-box table of probabilities, one row per training example;
   a table cannot follow augmentation, so its student trains on un-augmented batches.
+- :class:`ApiTeacher`: the same for the answers of an HTTP endpoint
+  (:mod:`specialists.engine.teacher_api`), one row per example the student trains on.
 """
 
 from __future__ import annotations
@@ -66,3 +68,10 @@ class ProbsTeacher(Teacher):
 
     def logits(self, x, idx):
         return torch.log(self.rows[idx.to(self.rows.device)])
+
+
+class ApiTeacher(ProbsTeacher):
+    """A black-box HTTP teacher's answers; ``rows[i]`` = those of example i of the split the
+    student trains on (the answered training examples, then the answered unlabelled texts)."""
+
+    name = "api"

@@ -80,26 +80,28 @@ def train_classifier(run: Run, model: torch.nn.Module, tcfg, state_path: Path | 
                sync_bn=run.cfg.train.sync_bn)
 
 
-def student_batches(run: Run, batch_size: int, seed: int, augment: bool):
+def student_batches(run: Run, batch_size: int, seed: int, augment: bool, split=None):
     """``(batches(epoch), steps)``: the seeded, shuffled batches every student and control of a
-    run shares (augmented unless ``augment`` is False)."""
-    sampler = EpochBatches(len(run.data.train), batch_size)
-    batcher = run.data.batcher(run.data.train, run.device)
+    run shares (augmented unless ``augment`` is False), of the training split (or ``split``)."""
+    split = split or run.data.train
+    sampler = EpochBatches(len(split), batch_size)
+    batcher = run.data.batcher(split, run.device)
     return seeded_batches(batcher, sampler, seed=seed, stream=STUDENT_STREAM, augment=augment), sampler.steps
 
 
 def train_student(run: Run, model: torch.nn.Module, teacher, state_path: Path | None, *, seed: int, desc: str,
-                  eval_splits=("val", "test"), augment: bool | None = None) -> list[dict]:
+                  eval_splits=("val", "test"), augment: bool | None = None, split=None) -> list[dict]:
     """Distil ``teacher`` into ``model`` with the run's ``student`` and ``distill`` settings; resumable.
 
     A soft decision tree trains with its own loss (:class:`~specialists.engine.steps.TreeTargets`);
     ``teacher`` None trains a tree on the labels alone (its hard-label control). ``augment``:
     whether the batches are augmented (default: as the teacher needs; a table of
-    probabilities cannot follow augmentation)."""
+    probabilities cannot follow augmentation). ``split``: what it trains on, if not the
+    training split (an API teacher's answered examples)."""
     tcfg, dcfg = run.cfg.student, run.cfg.distill
     model = prepare_model(model, run.device, run.data.is_image)
     augment = (teacher is None or teacher.augment) if augment is None else augment
-    batches, steps = student_batches(run, tcfg.batch_size, seed, augment)
+    batches, steps = student_batches(run, tcfg.batch_size, seed, augment, split)
     if is_soft_tree(model):
         step = TreeTargets(teacher, dcfg.temperature, dcfg.alpha, tcfg.tree, tcfg.label_smoothing)
     else:

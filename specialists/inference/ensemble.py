@@ -136,6 +136,7 @@ class SpecialistEnsemble(Predictor):
     def components_all(self, x, normalized: bool = False) -> tuple[Tensor, list[Tensor], Tensor]:
         """``components`` over a whole array, in chunks of ``batch_size``: p_general (N, C),
         [p_m (N, |S_m| + 1)], active (N, M), on the device."""
+        x = [x] if isinstance(x, str) else x
         return self.components_over(self.preprocess(x[i:i + self.batch_size], normalized)
                                     for i in range(0, len(x), self.batch_size))
 

@@ -1,4 +1,6 @@
-"""``specialists predict RUN_DIR FILE [FILE ...]``: classify image files and ``.npy`` arrays.
+"""``specialists predict RUN_DIR FILE [FILE ...] [--text TEXT ...]``: classify image files,
+``.npy`` arrays, and for a text run texts (``--text``, ``.txt`` files of one text per line,
+``.jsonl`` files of ``{"text": ...}`` objects or JSON strings).
 
 Every file is answered on its own: a file that cannot be read, is not an image, or has the
 wrong shape gets one ``error: FILE: reason`` line on stderr and the other files are still
@@ -108,13 +110,27 @@ def _read_npy(path: Path, input_shape: tuple) -> np.ndarray:
     return a
 
 
-def read_inputs(path, input_shape: tuple) -> tuple[np.ndarray, list[str]]:
-    """One file -> (raw batch (N, ...), notes). Raises FileError with a one-line reason."""
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def read_inputs(path, input_shape: tuple, text: bool = False) -> tuple:
+    """One file -> (raw batch (N, ...) or a list of texts, notes). Raises FileError with a
+    one-line reason."""
+    from ..data.text import read_texts
+
     path = Path(path)
     if not path.exists():
         raise FileError("no such file")
     if path.is_dir():
         raise FileError("is a folder, not a file")
+    if text != (path.suffix.lower() in TEXT_SUFFIXES):
+        raise FileError("this run classifies texts: give --text, .txt or .jsonl files" if text else
+                        f"a text file, but this run classifies {'images' if len(input_shape) == 3 else 'vectors'}")
+    if text:
+        try:
+            return read_texts(path), []
+        except SpecialistsError as exc:
+            raise FileError(str(exc).removeprefix(f"{path}: ")) from None
     with open(path, "rb") as f:
         magic = f.read(6)
     if path.suffix.lower() == ".npy" or magic == b"\x93NUMPY":
@@ -172,8 +188,9 @@ def describe(predictor, x: np.ndarray, top_k: int, explain: bool = False) -> lis
 
 
 def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, device: str = "auto",
-                  verify: bool = True, explain: bool = False) -> int:
-    """Answer every file (stdout), one ``error: FILE: reason`` line per bad file (stderr).
+                  verify: bool = True, explain: bool = False, texts=()) -> int:
+    """Answer every file and every text of ``texts`` (stdout), one ``error: FILE: reason`` line
+    per bad file (stderr).
 
     Returns 0 when every file was answered, else 2. A bad run directory raises
     SpecialistsError (status 2 from the CLI).
@@ -185,11 +202,24 @@ def predict_files(run_dir, files, model: str = "ensemble", top_k: int = 5, devic
     predictor = load_predictor(run_dir, model, device, verify)  # once, for all files
     if explain:
         _ = predictor.tree  # a neural student has no path: say so once, before any file
-    shape = tuple(predictor.input_shape)
+    shape, is_text = tuple(predictor.input_shape), predictor.preprocessing.is_text
     failed = 0
+    if texts and not is_text:
+        print(f"error: --text: this run classifies {'images' if len(shape) == 3 else 'vectors'}, not texts",
+              file=sys.stderr)
+        failed, texts = 1, ()
+    for j, t in enumerate(texts):
+        if not t.strip():
+            print(f"error: --text {j + 1}: the text is empty", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.inference_mode():
+            (lines,) = describe(predictor, [t], top_k, explain)
+        print(f"--text {j + 1} ({t if len(t) <= 60 else t[:57] + '...'}):")
+        print("\n".join(lines))
     for f in files:
         try:
-            x, notes = read_inputs(f, shape)
+            x, notes = read_inputs(f, shape, is_text)
             with torch.inference_mode():
                 answers = describe(predictor, x, top_k, explain)
         except (FileError, SpecialistsError) as exc:

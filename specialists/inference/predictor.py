@@ -2,7 +2,8 @@
 single-model predictors (the generalist, the distilled :class:`Student`).
 
 Inputs ``x`` are raw, as the data set stores them: uint8 images (N, H, W, C) or (N, C, H, W)
-with the run's channel count, or float vectors (N, D). They are normalized by the run's
+with the run's channel count, float vectors (N, D), or for a text run strings (a list of them,
+or one), tokenized by the run's own tokenizer. They are normalized by the run's
 ``data.json`` through the same :class:`~specialists.data.Preprocessing` the training batches
 use; pass ``normalized=True`` for tensors that are already normalized (as the pipeline's
 batches are).
@@ -56,7 +57,7 @@ class Predictor:
     def preprocess(self, x, normalized: bool = False) -> Tensor:
         """Raw inputs (see the module doc) -> normalized float32 on the device, channels-last
         on CUDA: what :meth:`proba` takes. ``normalized``: ``x`` already is (only moved)."""
-        return channels_last(x.to(self.device, torch.float32) if normalized else self.preprocessing(x))
+        return channels_last(x.to(self.device, self.preprocessing.dtype) if normalized else self.preprocessing(x))
 
     def proba(self, x: Tensor) -> Tensor:
         """One prepared batch (B, ...) -> probabilities (B, C) float32 on the device."""
@@ -65,6 +66,7 @@ class Predictor:
     @torch.inference_mode()
     def predict_proba(self, x, normalized: bool = False) -> Tensor:
         """Probabilities (N, C) float32 on the device."""
+        x = [x] if isinstance(x, str) else x
         out = [self.proba(self.preprocess(x[i:i + self.batch_size], normalized))
                for i in range(0, len(x), self.batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.num_classes, device=self.device)

@@ -4,10 +4,20 @@ files."""
 
 from . import builtin  # noqa: F401  (registers the built-in models)
 from .external import declared_preprocessing
-from .registry import MODELS, PREFIXES, Classifier, build_model, check_model_name, count_parameters, register
+from .registry import (
+    MODELS,
+    PREFIXES,
+    TEXT_MODELS,
+    Classifier,
+    build_model,
+    check_model_name,
+    count_parameters,
+    register,
+)
 from .soft_tree import SoftDecisionTree, is_soft_tree
+from .text import PAD_ID  # (importing it also registers the text models)
 from .weights import load_classifier, load_pretrained, read_state_dict
 
-__all__ = ["MODELS", "PREFIXES", "Classifier", "build_model", "check_model_name", "count_parameters",
-           "declared_preprocessing", "is_soft_tree", "load_classifier", "load_pretrained", "read_state_dict", "register",
+__all__ = ["MODELS", "PAD_ID", "PREFIXES", "TEXT_MODELS", "Classifier", "build_model", "check_model_name",
+           "count_parameters", "declared_preprocessing", "is_soft_tree", "load_classifier", "load_pretrained", "read_state_dict", "register",
            "SoftDecisionTree"]

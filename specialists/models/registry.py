@@ -24,12 +24,19 @@ from torch import nn
 from ..errors import SpecialistsError
 
 MODELS: Dict[str, Callable] = {}
+TEXT_MODELS: set = set()  # the registered names that read token ids (see specialists.models.text)
 PREFIXES = ("timm", "torchvision", "python")
 
 
-def register(name: str):
+def register(name: str, text: bool = False):
+    """Decorator adding a factory to ``MODELS``: ``fn(model_cfg, num_classes, input_shape)``, or
+    with ``text=True`` ``fn(model_cfg, num_classes, input_shape, vocab_size)`` for a model of
+    token ids (``input_shape`` = (max_length,))."""
+
     def wrap(fn):
         MODELS[name] = fn
+        if text:
+            TEXT_MODELS.add(name)
         return fn
 
     return wrap
@@ -58,16 +65,25 @@ class Classifier(nn.Module):
         return self.head.out_features
 
 
-def build_model(model_cfg, num_classes: int, input_shape: tuple) -> Classifier:
-    """The one factory. ``input_shape``: (C, H, W) for images or (D,) for vectors."""
+def build_model(model_cfg, num_classes: int, input_shape: tuple, vocab_size: int | None = None) -> Classifier:
+    """The one factory. ``input_shape``: (C, H, W) for images, (D,) for vectors, or (L,) for
+    token ids of text (then ``vocab_size`` is the tokenizer's and the model must be a text model)."""
     from . import external
 
     name = model_cfg.name
     prefix = name.split(":", 1)[0] if ":" in name else None
+    text = vocab_size is not None
+    if text and name not in TEXT_MODELS:
+        raise SpecialistsError(f"model '{name}' does not read text: use one of {', '.join(sorted(TEXT_MODELS))}")
     if prefix in PREFIXES:
         return external.build(prefix, name.split(":", 1)[1], num_classes, tuple(input_shape))
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}' (known: {', '.join(sorted(MODELS))}, or timm:, torchvision:, python:)")
+    if name in TEXT_MODELS:
+        if not text:
+            raise SpecialistsError(f"model '{name}' reads text (token ids): the data set must be text "
+                                   "(data.name=text or synthetic_text)")
+        return MODELS[name](model_cfg, num_classes, tuple(input_shape), int(vocab_size))
     return MODELS[name](model_cfg, num_classes, tuple(input_shape))
 
 

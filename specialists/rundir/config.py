@@ -29,16 +29,16 @@ from ..core.optim import OPTIMIZERS, SCHEDULES
 from ..core.scoring import ABLATION_ORDERS
 from ..core.subsets import MODES
 from ..core.trees import TREE_LOSSES
-from ..data import AUGMENTATIONS, DATASETS, HELD_IN_SPLITS, STORAGES
+from ..data import AUGMENTATIONS, DATASETS, HELD_IN_SPLITS, STORAGES, TOKENIZERS
 from ..data.synthetic import VARIANTS
 from ..data.user import python_entry
 from ..device import DEVICES
 from ..errors import ConfigError, one_line
-from ..models import check_model_name
+from ..models import TEXT_MODELS, check_model_name
 
 # The config choices implemented above this layer: the student stage's teachers, the executors
 # of independent jobs (engine/executors.py).
-TEACHERS = ("ensemble", "generalist", "probs")
+TEACHERS = ("ensemble", "generalist", "probs", "api")
 TREE = "soft_tree"  # the student model trained with its own loss (specialists/models/soft_tree.py)
 EXECUTORS = ("local", "ray")
 
@@ -68,6 +68,13 @@ class DataConfig:
     storage: str = "auto"  # auto | memory | stream (decoded in memory, or read lazily by DataLoader workers)
     workers: int = 4  # stream: DataLoader worker processes
     memory_budget_gb: float = 4.0  # auto: memory when the decoded splits fit in this, else stream
+    # text (data.name=text | synthetic_text)
+    text_field: str = "text"  # text: the column / JSON field of the text
+    label_field: str = "label"  # text: of the label (a class name or an integer id)
+    coarse_field: Optional[str] = None  # text: of an optional coarse label (scores the subsets)
+    tokenizer: str = "bpe"  # bpe | wordpiece (trained on the training split) | a tokenizer.json path
+    vocab_size: int = 8000  # a trained tokenizer's vocabulary
+    max_length: int = 128  # tokens kept per text (longer ones are cut)
 
 
 @dataclass
@@ -76,6 +83,7 @@ class ModelConfig:
     width: Optional[int] = None  # base channels (cnn 32, resnet 64, resnet8 32) or hidden units (mlp 256); None = the model's default
     depth: Optional[int] = None  # hidden layers (mlp, default 2); levels of decisions (soft_tree student, default 8)
     dropout: float = 0.0
+    pooling: Optional[str] = None  # text models: mean | max over the unpadded tokens (bilstm, transformer; default mean)
     pretrained: Optional[str] = None  # a local weights file (safetensors, or a .pt/.pth/.bin state dict)
 
 
@@ -166,6 +174,7 @@ class StudentModelConfig:
     width: Optional[int] = None
     depth: Optional[int] = None
     dropout: Optional[float] = None
+    pooling: Optional[str] = None
     pretrained: Optional[str] = None
 
 
@@ -183,8 +192,13 @@ class SoftTreeConfig:
 @dataclass
 class StudentConfig(TrainConfig):
     enabled: bool = True
-    teacher: str = "ensemble"  # ensemble | generalist | probs
+    teacher: str = "ensemble"  # ensemble | generalist | probs | api
     teacher_probs: Optional[str] = None  # .npy (N_train, C), for teacher=probs
+    teacher_url: Optional[str] = None  # teacher=api: the endpoint (POST {"inputs": [...]} -> {"probs": [[...]]})
+    query_budget: Optional[int] = None  # teacher=api: at most this many answered requests, over all runs
+    query_batch_size: int = 64  # teacher=api: inputs per request
+    query_retries: int = 4  # teacher=api: retries of a failed request (exponential back-off)
+    unlabelled: Optional[str] = None  # teacher=api, text: more texts to ask about (.txt lines, .jsonl, .csv, .tsv)
     controls: bool = True  # also train the born-again student and a second generalist
     model: StudentModelConfig = field(default_factory=StudentModelConfig)
     tree: SoftTreeConfig = field(default_factory=SoftTreeConfig)
@@ -385,6 +399,28 @@ def validate(cfg) -> None:
     _choice(cfg, "data.storage", STORAGES)
     _check(d.workers >= 0, "data.workers", "must be >= 0")
     _check(d.memory_budget_gb > 0, "data.memory_budget_gb", "must be > 0")
+    _check(d.tokenizer in TOKENIZERS or Path(d.tokenizer).expanduser().is_file(), "data.tokenizer",
+           f"'{d.tokenizer}' is not one of {', '.join(TOKENIZERS)} nor a tokenizer.json file")
+    _check(d.vocab_size >= (258 if d.tokenizer == "bpe" else 64), "data.vocab_size",
+           "must be >= 258 for bpe (its 256 bytes and 2 special tokens), >= 64 for wordpiece")
+    _check(1 <= d.max_length <= 65536, "data.max_length", "must be in 1..65536")
+    text = d.name in DATASETS and DATASETS[d.name].text
+    for key in ("model", "student.model"):
+        name = OmegaConf.select(cfg, f"{key}.name")
+        if name is None:
+            continue
+        _check(not (text and name == TREE), f"{key}.name", f"a {TREE} splits on input features, and token ids are "
+               "not features; a text student is textcnn, bilstm or transformer")
+        if name == TREE:
+            continue
+        if text:
+            _check(name in TEXT_MODELS, f"{key}.name", f"'{name}' does not read text; data set '{d.name}' needs "
+                   f"one of {', '.join(sorted(TEXT_MODELS))}")
+        else:
+            _check(name not in TEXT_MODELS, f"{key}.name", f"'{name}' reads text; data set '{d.name}' is not text "
+                   "(data.name=text or synthetic_text)")
+        pooling = OmegaConf.select(cfg, f"{key}.pooling")
+        _check(pooling in (None, "mean", "max"), f"{key}.pooling", f"'{pooling}' is not one of mean, max")
     init = cfg.generalist.init
     _check(init is None or Path(init).expanduser().is_file(), "generalist.init", f"'{init}' is not a file")
     if d.name in DATASETS and DATASETS[d.name].needs_path:
@@ -428,7 +464,7 @@ def validate(cfg) -> None:
         _check(s.classes_per_specialist is not None, "subsets.classes_per_specialist", "required when subsets.mode=nearest")
     _check(s.classes_per_specialist is None or s.classes_per_specialist >= 1,
            "subsets.classes_per_specialist", "must be >= 1")
-    if d.name == "synthetic":  # the only data set whose class count is known without loading it
+    if d.name in ("synthetic", "synthetic_text"):  # the data sets whose class count is known without loading them
         check_class_counts(cfg, d.num_super * d.classes_per_super)
 
     sp = cfg.specialists
@@ -473,6 +509,22 @@ def validate(cfg) -> None:
         _check(st.teacher_probs is not None, "student.teacher_probs", "required when student.teacher=probs")
     if st.teacher_probs is not None:
         _check(Path(st.teacher_probs).is_file(), "student.teacher_probs", f"'{st.teacher_probs}' does not exist")
+    if st.teacher == "api":
+        _check(st.teacher_url is not None, "student.teacher_url", "required when student.teacher=api")
+        _check(str(st.teacher_url).startswith(("http://", "https://")), "student.teacher_url",
+               f"'{st.teacher_url}' is not an http:// or https:// URL")
+        _check(cfg.distill.loss in ("kl", "mse_probs"), "distill.loss", "an API teacher gives probabilities: "
+               "use kl or mse_probs")
+        _check(st.model.name != TREE, "student.model.name", f"a {TREE} student takes the ensemble, generalist or "
+               "probs teacher")
+    _check(st.query_budget is None or st.query_budget >= 1, "student.query_budget", "must be >= 1")
+    _check(st.query_batch_size >= 1, "student.query_batch_size", "must be >= 1")
+    _check(st.query_retries >= 0, "student.query_retries", "must be >= 0")
+    if st.unlabelled is not None:
+        _check(st.teacher == "api", "student.unlabelled", "texts without labels need a teacher that can be asked "
+               "about them: student.teacher=api")
+        _check(text, "student.unlabelled", "is a file of texts, for a text data set")
+        _check(Path(st.unlabelled).expanduser().is_file(), "student.unlabelled", f"'{st.unlabelled}' is not a file")
 
 
 def check_class_counts(cfg, num_classes: int) -> None:

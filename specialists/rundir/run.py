@@ -2,7 +2,7 @@
 
 Layout::
 
-    RUN_DIR/config.yaml  manifest.json  data.json
+    RUN_DIR/config.yaml  manifest.json  data.json  tokenizer.json (text)  teacher_api.jsonl (student.teacher=api)
     RUN_DIR/generalist/       model.safetensors, state.pt, metrics.json, curves.png
     RUN_DIR/subsets/          probs.npy, covariance.npy, subsets.json, metrics.json, covariance.png
     RUN_DIR/specialists/NNN/  model.safetensors, state.pt, metrics.json
@@ -120,11 +120,18 @@ class Run:
         """The data set, loaded and checked (bad data and class counts the config cannot fit
         are refused here, before any training), and ``data.json`` written or repaired."""
         declared = declared_preprocessing(self.cfg.model)  # a pretrained model's input size and normalization
-        ds = build_dataset(self.cfg.data, resolution_hint=declared["input_size"][-1] if declared else None)
+        ds = build_dataset(self.cfg.data, resolution_hint=declared["input_size"][-1] if declared else None,
+                           saved_tokenizer=self._saved_tokenizer())
         if declared and ds.is_image and len(declared["mean"]) == ds.input_shape[0]:
             ds.mean, ds.std = declared["mean"], declared["std"]
         check_class_counts(self.cfg, ds.num_classes)
         info = ds.preprocessing()
+        if ds.is_text:  # the tokenizer is its own file (a standard tokenizer.json); data.json names it
+            text = info.pop("tokenizer")
+            if not self.tokenizer_json.exists() or self.tokenizer_json.read_text() != text:
+                write_text(self.tokenizer_json, text)
+            self.manifest.record_file(self.tokenizer_json)
+            info["tokenizer"] = self.rel(self.tokenizer_json)
         try:
             same = read_json(self.data_json) == info
         except SpecialistsError:  # missing or damaged: written anew from the data
@@ -134,13 +141,36 @@ class Run:
         self.manifest.record_file(self.data_json)
         return ds
 
+    def _saved_tokenizer(self) -> tuple | None:
+        """``(tokenizer_source, tokenizer JSON)`` of the tokenizer this run saved, if any: the data
+        set reuses it while it would be made from the same (a retrained WordPiece can differ)."""
+        try:
+            source = read_json(self.data_json).get("tokenizer_source")
+            return (source, self.tokenizer_json.read_text()) if source and self.tokenizer_json.exists() else None
+        except (SpecialistsError, OSError, AttributeError):
+            return None
+
     @property
     def data_json(self) -> Path:
         return self.dir / "data.json"
 
+    @property
+    def tokenizer_json(self) -> Path:
+        return self.dir / "tokenizer.json"
+
     def data_info(self) -> dict:
-        """Input shape, class names, normalization: from data.json, without loading data."""
-        return read_json(self.checked(self.data_json)) if self.data_json.exists() else self.data.preprocessing()
+        """Input shape, class names, normalization (a text run's ``tokenizer``: its JSON): from
+        data.json and tokenizer.json, without loading data."""
+        if not self.data_json.exists():
+            return self.data.preprocessing()
+        info = read_json(self.checked(self.data_json))
+        if info.get("layout") == "NL":
+            try:
+                info["tokenizer"] = self.checked(self.tokenizer_json).read_text()
+            except OSError as exc:
+                raise SpecialistsError(f"{self.tokenizer_json}: cannot read the run's tokenizer "
+                                       f"({exc.strerror or one_line(exc)})") from None
+        return info
 
     # --- generalist/ ---------------------------------------------------------------------
     @property
@@ -220,6 +250,10 @@ class Run:
         return self.dir / "export"
 
     @property
+    def teacher_api_cache(self) -> Path:  # an API teacher's answers (outside student/: --force keeps them)
+        return self.dir / "teacher_api.jsonl"
+
+    @property
     def student_md(self) -> Path:
         return self.dir / STUDENT / "student.md"
 
@@ -246,7 +280,8 @@ class Run:
     # --- models --------------------------------------------------------------------------
     def new_model(self, num_classes: int | None = None, model_cfg=None) -> Classifier:
         info = self.data_info()
-        return build_model(model_cfg or self.cfg.model, num_classes or info["num_classes"], tuple(info["input_shape"]))
+        return build_model(model_cfg or self.cfg.model, num_classes or info["num_classes"], tuple(info["input_shape"]),
+                           info.get("vocab_size"))
 
     def load_model(self, files: ModelFiles, num_classes: int | None = None, model_cfg=None) -> Classifier:
         """A trained model of this run on the run's device, in eval mode."""

@@ -5,8 +5,12 @@ match it serves at one. The student trains from scratch with the KD loss
 ``alpha * T^2 KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) CE`` (or the MSE variants of
 ``distill.loss``) toward one of three teachers (``student.teacher``,
 :mod:`specialists.engine.teachers`): the routed ``ensemble`` on the very augmented batch the
-student sees (default), the ``generalist`` alone, or a black-box table of ``probs``
-(``student.teacher_probs``, validated before anything is trained).
+student sees (default), the ``generalist`` alone, a black-box table of ``probs``
+(``student.teacher_probs``, validated before anything is trained), or a black-box ``api``
+(``student.teacher_url``, :mod:`specialists.engine.teacher_api`): asked once about every
+training input, every ``student.unlabelled`` text and every test input (for the agreement), its
+answers cached in ``RUN_DIR/teacher_api.jsonl``; the student trains on the answered training
+examples (with their labels) and the answered unlabelled texts (soft targets only).
 
 A ``soft_tree`` student (:mod:`specialists.models.soft_tree`) trains with the tree's own loss
 toward the same targets, and always beside the same tree trained on the labels alone
@@ -34,10 +38,14 @@ import numpy as np
 import torch
 
 from ..core import metrics
+from ..core.losses import UNLABELLED
+from ..data import Split
 from ..data.teacher_table import load_teacher_probs, source_train_size
-from ..device import prepare_model
+from ..data.text import read_texts
+from ..device import agree, prepare_model
 from ..engine.executors import Job, as_run, run_jobs
-from ..engine.teachers import EnsembleTeacher, GeneralistTeacher, ProbsTeacher
+from ..engine.teacher_api import TeacherAPI
+from ..engine.teachers import ApiTeacher, EnsembleTeacher, GeneralistTeacher, ProbsTeacher
 from ..engine.timing import REPEATS, seconds_per_example, timing_rows
 from ..engine.trainers import (
     initial_weights,
@@ -51,7 +59,7 @@ from ..errors import SpecialistsError
 from ..inference import SingleModel, SpecialistEnsemble, Student
 from ..rundir import Run, to_dict
 from ..rundir.config import TREE, student_model_config
-from ..rundir.io import file_sha256, read_json, write_json
+from ..rundir.io import file_sha256, rank0, read_json, write_json
 
 log = logging.getLogger("specialists")
 
@@ -96,13 +104,87 @@ def _probs_teacher(run: Run) -> tuple[ProbsTeacher, dict]:
     return ProbsTeacher(rows), info
 
 
+def _raw_inputs(run: Run, split) -> list:
+    """What an API teacher is sent for each example of a split: the text, or the raw array."""
+    if split.text is not None:
+        return split.text
+    if split.x is None:
+        raise SpecialistsError("student.teacher=api sends the raw inputs, and a streamed data set keeps none in "
+                               "memory: use data.storage=memory")
+    return split.x.tolist()
+
+
+def _api_answers(run: Run) -> dict:
+    """Ask the API teacher about every training input, unlabelled text and test input it has not
+    answered yet (rank 0 alone writes the cache; every rank gets the answers). Returns the
+    inputs and answers of each part: ``{"train"|"unlabelled"|"test": (inputs, probs (n, C),
+    answered (n,))}`` and ``"answers"``."""
+    st, ds = run.cfg.student, run.data
+    parts = {"train": _raw_inputs(run, ds.train),
+             "unlabelled": read_texts(st.unlabelled, run.cfg.data.text_field) if st.unlabelled else [],
+             "test": _raw_inputs(run, ds.test)}
+    inputs = [x for part in parts.values() for x in part]
+
+    def ask():
+        api = TeacherAPI(st.teacher_url, run.teacher_api_cache, ds.num_classes, batch_size=st.query_batch_size,
+                         budget=st.query_budget, retries=st.query_retries)
+        return api.query(inputs)
+
+    answers = agree(rank0(ask))
+    out, start = {"answers": answers}, 0
+    for name, part in parts.items():
+        rows = slice(start, start + len(part))
+        out[name] = (part, answers.probs[rows], answers.answered[rows])
+        start += len(part)
+    return out
+
+
+def _api_teacher(run: Run) -> tuple[ApiTeacher, Split]:
+    """The API teacher and what its student trains on: the answered training examples (their
+    labels kept), then the answered unlabelled texts (label ``UNLABELLED``: soft targets only)."""
+    ds, asked = run.data, _api_answers(run)
+    _, p_train, ok_train = asked["train"]
+    texts, p_unl, ok_unl = asked["unlabelled"]
+    rows = torch.from_numpy(np.flatnonzero(ok_train))
+    x, y = [ds.train.x[rows]], [ds.train.y[rows]]
+    if ok_unl.any():
+        extra = [t for t, ok in zip(texts, ok_unl.tolist()) if ok]
+        x.append(torch.from_numpy(ds.encoder.encode(extra, pad_to=ds.train.x.shape[1])))
+        y.append(torch.full((len(extra),), UNLABELLED, dtype=torch.long))
+    probs = np.concatenate([p_train[ok_train], p_unl[ok_unl]])
+    if not len(probs):
+        raise SpecialistsError(f"student.teacher_url {run.cfg.student.teacher_url}: no training input is answered "
+                               "(raise student.query_budget)")
+    split = Split(x=torch.cat(x), y=torch.cat(y))
+    return ApiTeacher(torch.from_numpy(probs / probs.sum(1, keepdims=True)).float().to(run.device)), split
+
+
+def _api_summary(run: Run, asked: dict, p_student: torch.Tensor) -> dict:
+    """The API teacher's part of ``metrics.json``: requests, answers per part, agreement on test."""
+    answers, st = asked["answers"], run.cfg.student
+    _, p_test, ok_test = asked["test"]
+    ok = torch.from_numpy(ok_test)
+    agreement = _agreement(p_student[ok], torch.from_numpy(p_test[ok_test])) if ok.any() else None
+    return {
+        "url": st.teacher_url, "cache": run.rel(run.teacher_api_cache), "budget": st.query_budget,
+        "requests_this_run": answers.requests, "requests_total": answers.requests_total,
+        "answered_from_cache": answers.from_cache,
+        "inputs": {k: int(len(asked[k][0])) for k in ("train", "unlabelled", "test")},
+        "answered": {k: int(asked[k][2].sum()) for k in ("train", "unlabelled", "test")},
+        "test_agreement": agreement,
+    }
+
+
 def _teacher(run: Run):
+    """The student's teacher, and the split it trains on (None: the training split)."""
     st = run.cfg.student
     if st.teacher == "ensemble":
-        return EnsembleTeacher(SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size))
+        return EnsembleTeacher(SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size)), None
     if st.teacher == "generalist":
-        return GeneralistTeacher(run.load_generalist(), run.device)
-    return _probs_teacher(run)[0]
+        return GeneralistTeacher(run.load_generalist(), run.device), None
+    if st.teacher == "api":
+        return _api_teacher(run)
+    return _probs_teacher(run)[0], None
 
 
 @torch.inference_mode()
@@ -147,8 +229,9 @@ def student_job(run, which: str) -> list[dict]:
                                                    desc="second generalist (seed + 1)"),
                           lambda: run.save_model(files.weights, model, model=to_dict(cfg.model), num_classes=C,
                                                  seed=cfg.seed + 1))
+    split = None
     if which == "student":
-        files, teacher = run.student, _teacher(run)
+        files, (teacher, split) = run.student, _teacher(run)
         desc = f"student (teacher: {teacher.name})"
     elif which == "born_again":
         files, teacher = run.born_again, GeneralistTeacher(run.load_generalist(), run.device)
@@ -159,7 +242,8 @@ def student_job(run, which: str) -> list[dict]:
     model = new_student(run, cfg.seed)
     augment = None if teacher is not None else cfg.student.teacher != "probs"
     return train_once(files, model,
-                      lambda: train_student(run, model, teacher, files.state, seed=cfg.seed, desc=desc, augment=augment),
+                      lambda: train_student(run, model, teacher, files.state, seed=cfg.seed, desc=desc, augment=augment,
+                                            split=split),
                       lambda: run.save_model(files.weights, model, model=to_dict(student_model_config(cfg)),
                                              num_classes=C, teacher=teacher.name if teacher is not None else "labels"))
 
@@ -169,9 +253,11 @@ def distill(run: Run) -> dict:
     ``launch.executor``), then compare them; writes ``student/metrics.json``."""
     cfg, ds, device = run.cfg, run.data, run.device
     st = cfg.student
-    probs_info = None
+    probs_info = asked = None
     if st.teacher == "probs":  # validate the table before anything is built or written
         probs_info = _probs_teacher(run)[1]
+    if st.teacher == "api":  # ask before anything is trained (the student's job then reads the cache)
+        asked = _api_answers(run)
     controls = st.controls and st.teacher == "ensemble"
     is_tree = student_model_config(cfg).name == TREE
     kinds = ["student"] + (["hard_labels"] if is_tree else []) + (["born_again", "second_generalist"] if controls else [])
@@ -272,14 +358,17 @@ def distill(run: Run) -> dict:
         gen_epoch = _median_epoch_seconds(read_json(run.generalist.metrics).get("history", []))
         gen_source = "the generalist stage's metrics.json"
     st_epoch = _median_epoch_seconds(history)
+    api = _api_summary(run, asked, p_student) if asked else None
     result = {
         **final,
         "teacher": teacher_name,
         "teacher_probs": probs_info,
+        "teacher_api": api,
         "model": model_cfg,
         "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha,
         "loss": f"soft tree: {st.tree.loss}" if is_tree else cfg.distill.loss,
-        "agreement_with_teacher": _agreement(p_student, teacher_test) if teacher_test is not None else None,
+        "agreement_with_teacher": (_agreement(p_student, teacher_test) if teacher_test is not None else
+                                   api["test_agreement"] if api else None),
         "agreement_with_ensemble": _agreement(p_student, p_ens),
         "agreement_with_generalist": _agreement(p_student, p_gen),
         "epochs": st.epochs,
