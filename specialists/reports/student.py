@@ -91,6 +91,14 @@ def render_markdown(result: dict) -> str:
     if agree is not None:
         lines += [f"The student agrees with its teacher's top-1 on {agree:.1%} of the test examples "
                   f"(with the routed ensemble on {result['agreement_with_ensemble']:.1%}).", ""]
+    api = result.get("teacher_api")
+    if api:
+        asked, got = api["inputs"], api["answered"]
+        lines += [f"The API teacher ({api['url']}) answered {got['train']} of {asked['train']} training texts, "
+                  f"{got['unlabelled']} of {asked['unlabelled']} unlabelled texts and {got['test']} of "
+                  f"{asked['test']} test texts; {api['requests_this_run']} requests in this run, "
+                  f"{api['requests_total']} in all (budget: {api['budget'] or 'none'}), the rest from "
+                  f"`{api['cache']}`.", ""]
     if result.get("train_time_ratio_vs_generalist"):
         lines += [f"Training: {result['train_seconds_per_epoch']:.2f} s per student epoch, "
                   f"{result['train_time_ratio_vs_generalist']:.2f}x the generalist's "

@@ -421,6 +421,7 @@ def validate(cfg) -> None:
                    "(data.name=text or synthetic_text)")
         pooling = OmegaConf.select(cfg, f"{key}.pooling")
         _check(pooling in (None, "mean", "max"), f"{key}.pooling", f"'{pooling}' is not one of mean, max")
+        _check(not (name == "textcnn" and pooling == "mean"), f"{key}.pooling", "textcnn always max-pools over time")
     init = cfg.generalist.init
     _check(init is None or Path(init).expanduser().is_file(), "generalist.init", f"'{init}' is not a file")
     if d.name in DATASETS and DATASETS[d.name].needs_path:
