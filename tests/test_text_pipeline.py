@@ -19,6 +19,8 @@ from specialists.data import build_dataset
 from specialists.rundir import Run
 from specialists.rundir.config import load_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds synchronization
+
 TEXT = [
     "device=cpu", "seed=0", "data.name=synthetic_text", "data.num_super=3", "data.classes_per_super=3",
     "data.train_per_class=60", "data.test_per_class=30", "data.vocab_size=700", "data.max_length=24",
@@ -28,7 +30,7 @@ TEXT = [
     "specialists.epochs=3", "specialists.batch_size=32", "specialists.optimizer=adamw", "specialists.lr=0.003",
     "student.epochs=3", "student.batch_size=32", "student.optimizer=adamw", "student.lr=0.003",
     "student.weight_decay=0", "student.model.name=textcnn", "student.model.width=32",
-    "ablate.control=false", "evaluate.bootstrap=200", "evaluate.timing_batches=1",
+    "ablate.control=false", "ablate.counts=[2]", "evaluate.bootstrap=200", "evaluate.timing_batches=1",
 ]
 
 
@@ -52,6 +54,9 @@ def test_the_whole_pipeline_runs_on_text_and_the_ensemble_beats_the_generalist(t
     assert {"born_again", "second_generalist"} <= set(st["control"])
     subsets = _json(text_run / "subsets" / "metrics.json")
     assert subsets["adjusted_rand_index"] > 0.3  # the planted topics, mostly found (chance: about 0)
+    sub = text_run / "ablation" / "recluster" / "M002"  # the re-clustering sub-run reads the generalist's very ids
+    assert (sub / "tokenizer.json").read_bytes() == (text_run / "tokenizer.json").read_bytes()
+    assert _json(sub / "evaluation" / "evaluation.json")["generalist"]["top1"] == ev["generalist"]["top1"]
 
 
 def test_a_text_specialist_starts_by_ranking_its_subset_as_the_generalist_does():

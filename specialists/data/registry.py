@@ -1,7 +1,8 @@
 """Data set types and the one data registry.
 
 A data set is held in memory as tensors (images uint8 ``(N, C, H, W)``, vectors float32
-``(N, D)``, texts as int64 token ids ``(N, L)``: :mod:`specialists.data.tokenize`) or streamed (each split an image source and its labels, read by DataLoader workers:
+``(N, D)``, texts as int64 token ids ``(N, L)``: :mod:`specialists.data.tokenize`) or streamed
+(each split an image source and its labels, read by DataLoader workers:
 :mod:`specialists.data.stream`), by ``data.storage``. A registry entry (``@register(name)``, see
 ``synthetic.py``, ``files.py`` and ``torchvision_sets.py``; or ``data.name=python:module:function``,
 ``user.py``) only has to produce a :class:`RawData`; :func:`build_dataset` then chooses the

@@ -177,9 +177,14 @@ def subrun(parent: Run, cfg, keys: Sequence[str]) -> Run:
         for name in ("weights", "metrics"):
             copy_file(getattr(src, name), getattr(dst, name))
         copy_file(parent.data_json, sub.data_json)
+        shared = [sub.data_json]
+        if parent.tokenizer_json.exists():  # a text run: the generalist's very token ids
+            copy_file(parent.tokenizer_json, sub.tokenizer_json)
+            shared.append(sub.tokenizer_json)
         sub.save_config()
         sub.manifest.start("generalist", config_values(cfg, depends("generalist")), dst.dir)
-        sub.manifest.record_file(sub.data_json)
+        for path in shared:
+            sub.manifest.record_file(path)
         sub.manifest.finish("generalist", 0.0, [dst.weights, dst.metrics], [],
                             shared_from=os.path.relpath(parent.dir, sub.dir))
     for key in keys:

@@ -104,7 +104,7 @@ def _probs_teacher(run: Run) -> tuple[ProbsTeacher, dict]:
     return ProbsTeacher(rows), info
 
 
-def _raw_inputs(run: Run, split) -> list:
+def _raw_inputs(split) -> list:
     """What an API teacher is sent for each example of a split: the text, or the raw array."""
     if split.text is not None:
         return split.text
@@ -120,9 +120,9 @@ def _api_answers(run: Run) -> dict:
     inputs and answers of each part: ``{"train"|"unlabelled"|"test": (inputs, probs (n, C),
     answered (n,))}`` and ``"answers"``."""
     st, ds = run.cfg.student, run.data
-    parts = {"train": _raw_inputs(run, ds.train),
+    parts = {"train": _raw_inputs(ds.train),
              "unlabelled": read_texts(st.unlabelled, run.cfg.data.text_field) if st.unlabelled else [],
-             "test": _raw_inputs(run, ds.test)}
+             "test": _raw_inputs(ds.test)}
     inputs = [x for part in parts.values() for x in part]
 
     def ask():
