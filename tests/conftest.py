@@ -61,6 +61,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread_here():
+    """``one_thread`` for a single test, in a module whose other tests must train with the
+    session's threads (to rebuild the tiny run's artifacts bit for bit): for a test whose models
+    are compared only with models trained under it, or not at all."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """The CLI re-points the root logger at the (captured) stderr; put it back after each test."""

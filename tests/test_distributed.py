@@ -50,11 +50,14 @@ def _ranks(argv: list[str]):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
+def single(tmp_path_factory, one_thread) -> Path:
+    """The reference: the same ``train-generalist`` in this (one-process, one-thread) process,
+    the ``run_stage`` call the command makes (a fresh interpreter would only add its start-up)."""
+    from specialists.rundir import load_config
+    from specialists.stages.pipeline import run_stage
+
     d = tmp_path_factory.mktemp("single") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "specialists.cli", *ARGS, f"run_dir={d}"], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    run_stage(load_config(QUICKSTART, [*ARGS[2:], f"run_dir={d}"]), "generalist")
     return d
 
 
@@ -92,8 +95,10 @@ def test_every_stage_runs_under_torchrun(tmp_path):
     """``specialists run`` on 2 ranks: every stage (the ablation's re-clustering sub-run and the
     student's controls included) completes on both, and rank 0 alone writes."""
     d = tmp_path / "run"
-    procs = _ranks(["run", QUICKSTART, *TINY, f"run_dir={d}", "ablate.counts=[2]", "ablate.control=false",
-                    "student.epochs=1"])
+    # generalist.epochs=2 (TINY's 8 would also be the student stage's second generalist's): the
+    # test is about every stage completing on both ranks, not accuracy, and every step is an all-reduce
+    procs = _ranks(["run", QUICKSTART, *TINY, f"run_dir={d}", "generalist.epochs=2", "ablate.counts=[2]",
+                    "ablate.control=false", "student.epochs=1"])
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "| top-1 |" in outs[0] and "| top-1 |" not in outs[1]  # the summary, from rank 0 only

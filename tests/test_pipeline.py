@@ -66,7 +66,8 @@ def _one_error_line(err: str) -> str:
 # ----------------------------------------------------------------------------- --only
 
 
-def test_only_trains_exactly_the_named_specialists(tiny_run, tmp_path, capsys):
+def test_only_trains_exactly_the_named_specialists(tiny_run, tmp_path, capsys, one_thread_here):
+    # (one thread: the specialists trained here are compared with nothing but their own files)
     dst = _copy_without_specialists(tiny_run, tmp_path / "run")
     cfg_file = _config_file(tiny_run, tmp_path / "tiny.yaml")
     args = ["train-specialists", str(cfg_file), f"run_dir={dst}", "specialists.epochs=1"]

@@ -31,8 +31,10 @@ from specialists.rundir import Run, load_config
 from specialists.rundir.io import STATE_MAGIC, clean_stale_temp_files, save_state, save_weights, write_json
 from specialists.stages.pipeline import run_stage
 
-# No one_thread here: artifacts rebuilt by these tests must match the session's tiny run,
-# which was trained with the suite's default threads.
+# No one_thread for the module: artifacts rebuilt by the ``run_copy`` tests must match the session's
+# tiny run, which was trained with the suite's default threads. Tests that train only what they
+# compare with (or compare nothing trained) take ``one_thread_here``: on a shared 2-core machine a
+# second spinning thread only adds CPU time.
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -228,8 +230,14 @@ def test_a_deleted_subsets_json_reopens_find_subsets(run_copy, caplog, capsys):
 
 @pytest.fixture(scope="module")
 def short_generalist(tmp_path_factory):
+    """A 2-epoch generalist trained with one thread, as the tests that retrain it (``one_thread_here``)."""
     d = tmp_path_factory.mktemp("short") / "run"
-    run_stage(tiny_config(d, "generalist.epochs=2"), "generalist")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_stage(tiny_config(d, "generalist.epochs=2"), "generalist")
+    finally:
+        torch.set_num_threads(before)
     return d
 
 
@@ -248,7 +256,8 @@ def _corrupt_state(kind: str, good: Path, bad: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["flipped byte", "wrong shapes", "missing key"])
-def test_a_damaged_state_restarts_that_model_from_scratch(short_generalist, tmp_path, caplog, kind):
+def test_a_damaged_state_restarts_that_model_from_scratch(short_generalist, tmp_path, caplog, kind,
+                                                          one_thread_here):
     d = tmp_path / "run"
     (d / "generalist").mkdir(parents=True)
     _corrupt_state(kind, short_generalist / "generalist" / "state.pt", d / "generalist" / "state.pt")
@@ -262,7 +271,7 @@ def test_a_damaged_state_restarts_that_model_from_scratch(short_generalist, tmp_
 # --------------------------------------------------------------------- the state machine
 
 
-def test_a_failed_attempt_never_blocks_the_corrected_rerun(tmp_path, capsys):
+def test_a_failed_attempt_never_blocks_the_corrected_rerun(tmp_path, capsys, one_thread_here):
     x, y = _vectors()
     good = _npz(tmp_path / "good.npz", x, y, x[:8], y[:8])
     wrong = tmp_path / "wrong.npz"
@@ -286,7 +295,7 @@ def test_a_failed_attempt_never_blocks_the_corrected_rerun(tmp_path, capsys):
     assert [h["epoch"] for h in metrics["history"]] == [1, 2] and metrics["epochs"] == 2
 
 
-def test_resumed_stage_records_the_time_of_every_attempt(short_generalist, tmp_path):
+def test_resumed_stage_records_the_time_of_every_attempt(short_generalist, tmp_path, one_thread_here):
     d = tmp_path / "run"
     shutil.copytree(short_generalist, d)
     manifest = json.loads((d / "manifest.json").read_text())
@@ -328,7 +337,8 @@ def test_two_runs_at_once_do_each_stage_once(tmp_path):
 
 
 @pytest.mark.parametrize("errno_name", ["EROFS", "ENOSPC"])
-def test_an_unwritable_run_directory_is_one_line_and_leaves_nothing_behind(run_copy, capsys, monkeypatch, errno_name):
+def test_an_unwritable_run_directory_is_one_line_and_leaves_nothing_behind(run_copy, capsys, monkeypatch, errno_name,
+                                                                            one_thread_here):
     import errno
 
     d, cfg = run_copy
@@ -362,7 +372,7 @@ def _png_header(path: Path, width: int, height: int) -> None:
                      + chunk(b"IEND", b""))
 
 
-def test_predict_refuses_a_huge_image_and_a_malformed_run_config(tiny_run, tmp_path, capsys):
+def test_predict_refuses_a_huge_image_and_a_malformed_run_config(tiny_run, tmp_path, capsys, one_thread_here):
     huge = tmp_path / "huge.png"
     _png_header(huge, 14000, 14000)
     good = tmp_path / "good.npy"
@@ -414,7 +424,7 @@ def test_files_follow_the_umask(tmp_path):
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
 
 
-def test_stale_temp_files_of_dead_writers_are_removed(run_copy):
+def test_stale_temp_files_of_dead_writers_are_removed(run_copy, one_thread_here):
     from specialists.rundir.io import _writer_tag
 
     d, cfg = run_copy

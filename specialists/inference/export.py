@@ -121,14 +121,14 @@ def export_run(run_dir, model: str = "student", fmt: str = "onnx", out=None, *, 
     if fmt not in FORMATS:
         raise SpecialistsError(f"unknown --format '{fmt}' (one of: {', '.join(FORMATS)})")
     run = open_run(run_dir, "cpu")
-    if run.data_info().get("layout") == "NL":
-        raise SpecialistsError(f"{run.dir} is a text run: its models take token ids from the run's tokenizer, which "
-                               "the ONNX runtime here does not apply yet; serve it with SpecialistEnsemble / Student")
     folder = Path(out) if out is not None else run.export_dir
     if folder.exists() and not folder.is_dir():
         raise SpecialistsError(f"--out {folder} is a file, not a folder")
     if not run.generalist.weights.exists():
         raise SpecialistsError(f"no trained generalist in {run.dir}: run `specialists train-generalist CONFIG` first")
+    if run.data_info().get("layout") == "NL":
+        raise SpecialistsError(f"{run.dir} is a text run: its models take token ids from the run's tokenizer, which "
+                               "the ONNX runtime here does not apply yet; serve it with SpecialistEnsemble / Student")
     notes = []
     if model == "student" and not run.student.weights.exists():
         notes.append(f"note: {run.dir} has no student (student.enabled=false or `specialists distill` not run): "
