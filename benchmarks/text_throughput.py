@@ -16,7 +16,7 @@ trained ensemble are the run's; ``--students RUN_DIR ...`` adds the students of 
 the same data (a BiLSTM distilled into a copy of the run). Widths follow the run's config.
 
     python benchmarks/text_throughput.py [--run RUN_DIR] [--students RUN_DIR ...] [--threads 1]
-        [--rounds 3] [--batch-size 128] [--device auto|cpu|cuda]
+        [--rounds 3 (0: inference only)] [--batch-size 128] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", help="a finished text run (default: synthetic text, untrained models)")
     p.add_argument("--students", nargs="*", default=[], help="other runs of the same data whose students to time")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed training epochs per model (0: inference only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--timing-examples", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
@@ -92,10 +92,11 @@ def main() -> None:
         print(f"device: {device_name(device)}; data: {ds.name}, {len(ds.train)} training texts, {ds.num_classes} "
               f"classes, max_length {ds.input_shape[0]}, vocabulary {ds.encoder.vocab_size}")
 
-        rates = epoch_rates(run, args.rounds, args.batch_size)
-        print(f"\ntraining, examples/s (median of {args.rounds} epochs, batch {args.batch_size}):")
-        for name in MODELS:
-            print(f"  {name:12s} {rates[name]:10.0f}   {rates[name] / rates['transformer']:5.2f}x transformer")
+        if args.rounds:  # --rounds 0: inference only
+            rates = epoch_rates(run, args.rounds, args.batch_size)
+            print(f"\ntraining, examples/s (median of {args.rounds} epochs, batch {args.batch_size}):")
+            for name in MODELS:
+                print(f"  {name:12s} {rates[name]:10.0f}   {rates[name] / rates['transformer']:5.2f}x transformer")
 
         if args.run:
             ens = SpecialistEnsemble.from_run(args.run, device=args.device, batch_size=args.batch_size)
