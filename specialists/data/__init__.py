@@ -12,6 +12,7 @@ from .preprocess import Preprocessing
 from .registry import (
     DATASETS,
     HELD_IN_SPLITS,
+    TEXT_LAYOUT,
     Dataset,
     DatasetEntry,
     RawData,
@@ -23,6 +24,6 @@ from .registry import (
 from .stream import STORAGES, StreamBatcher
 from .tokenize import PAD_ID, TOKENIZERS, TextEncoder
 
-__all__ = ["AUGMENTATIONS", "DATASETS", "STORAGES", "StreamBatcher", "HELD_IN_SPLITS", "PAD_ID", "TOKENIZERS", "TextEncoder", "Batcher", "Dataset", "DatasetEntry", "EpochBatches",
+__all__ = ["AUGMENTATIONS", "DATASETS", "STORAGES", "StreamBatcher", "HELD_IN_SPLITS", "TEXT_LAYOUT", "PAD_ID", "TOKENIZERS", "TextEncoder", "Batcher", "Dataset", "DatasetEntry", "EpochBatches",
            "MixedBatches", "Preprocessing", "RawData", "Split", "build_dataset", "epoch_generator", "register",
            "seeded_batches", "stratified_split"]

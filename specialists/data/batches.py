@@ -74,14 +74,15 @@ class Batcher:
         if ranks > 1:
             rows = slice(rank * len(idx) // ranks, (rank + 1) * len(idx) // ranks)
             idx, params = idx[rows], {k: v[rows] for k, v in params.items()}
+        rows = idx.to(self.device)
         if self.lengths is not None and len(idx):
-            x = self.x[idx.to(self.device), :int(self.lengths[idx.cpu()].max())]
+            x = self.x[rows, :int(self.lengths[idx.cpu()].max())]
         else:
-            x = self.x[idx.to(self.device)]
+            x = self.x[rows]
         x = self.preprocessing.normalize(x)
         if aug:
             x = self._augment(x, params)
-        return channels_last(x), self.y[idx.to(self.device)]
+        return channels_last(x), self.y[rows]
 
     def _draw(self, b: int, g: Optional[torch.Generator]) -> dict:
         """The random crop offsets and flips of a batch of ``b`` (CPU tensors)."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecialistsError
+from .registry import TEXT_LAYOUT
 
 
 class Preprocessing:
@@ -28,7 +29,7 @@ class Preprocessing:
     def __init__(self, info: dict, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.input_shape = tuple(info["input_shape"])
-        self.is_text = info.get("layout") == "NL"
+        self.is_text = info.get("layout") == TEXT_LAYOUT
         self.is_image = len(self.input_shape) == 3
         self.dtype = torch.int64 if self.is_text else torch.float32  # of the model's input
         self._tokenizer, self._encoder = info.get("tokenizer"), None

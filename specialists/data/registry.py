@@ -28,6 +28,7 @@ log = logging.getLogger("specialists")
 
 SPLITS = ("train", "val", "test")
 HELD_IN_SPLITS = ("val", "train")  # what a model may be fitted or clustered on: never test
+TEXT_LAYOUT = "NL"  # data.json's layout of token ids (N, L): how every reader tells a text run
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Dataset:
         set's tokenizer is saved beside it: ``tokenizer`` holds its JSON here)."""
         if self.is_text:
             return {
-                "input_shape": list(self.input_shape), "layout": "NL", "dtype": "int64", "channel_order": None,
+                "input_shape": list(self.input_shape), "layout": TEXT_LAYOUT, "dtype": "int64", "channel_order": None,
                 "scale": 1.0, "mean": [], "std": [], "class_names": list(self.class_names),
                 "num_classes": self.num_classes, "vocab_size": self.encoder.vocab_size,
                 "max_length": self.encoder.max_length, "pad_id": 0, "tokenizer_source": self.tokenizer_source,

@@ -94,9 +94,6 @@ class TextEncoder:
     def to_json(self) -> str:
         return self.tokenizer.to_str()
 
-    def sha256(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
     def encode(self, texts: Sequence[str], pad_to: int | None = None) -> np.ndarray:
         """Texts -> int64 (N, L): ``L = pad_to`` (default: the longest encoding), at most
         ``max_length`` tokens each, padded on the right with ``PAD_ID``."""

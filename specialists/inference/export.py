@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..data import TEXT_LAYOUT
 from ..errors import SpecialistsError, one_line
 from ..rundir import Run
 from ..rundir.config import student_model_config
@@ -126,7 +127,7 @@ def export_run(run_dir, model: str = "student", fmt: str = "onnx", out=None, *, 
         raise SpecialistsError(f"--out {folder} is a file, not a folder")
     if not run.generalist.weights.exists():
         raise SpecialistsError(f"no trained generalist in {run.dir}: run `specialists train-generalist CONFIG` first")
-    if run.data_info().get("layout") == "NL":
+    if run.data_info().get("layout") == TEXT_LAYOUT:
         raise SpecialistsError(f"{run.dir} is a text run: its models take token ids from the run's tokenizer, which "
                                "the ONNX runtime here does not apply yet; serve it with SpecialistEnsemble / Student")
     notes = []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import Dataset, build_dataset
+from ..data import TEXT_LAYOUT, Dataset, build_dataset
 from ..device import resolve_device
 from ..errors import SpecialistsError, one_line
 from ..models import Classifier, build_model, declared_preprocessing
@@ -164,7 +164,7 @@ class Run:
         if not self.data_json.exists():
             return self.data.preprocessing()
         info = read_json(self.checked(self.data_json))
-        if info.get("layout") == "NL":
+        if info.get("layout") == TEXT_LAYOUT:
             try:
                 info["tokenizer"] = self.checked(self.tokenizer_json).read_text()
             except OSError as exc:
