@@ -39,7 +39,8 @@ STAGES = ("generalist", "subsets", "specialists", "evaluate", "ablate", "student
 # fields that hold times (they differ between any two runs)
 TIMES = {"seconds", "started", "finished", "attempts", "timing", "train_seconds_per_epoch",
          "generalist_train_seconds_per_epoch", "train_time_ratio_vs_generalist", "inference_seconds_per_example",
-         "inference_ratio_vs_ensemble", "seconds_per_example", "artifacts", "reports", "shared_from"}
+         "inference_ratio_vs_ensemble", "seconds_per_example", "artifacts", "reports", "shared_from",
+         "time_ratio", "all_time_ratio", "inference_ms"}  # evaluation.json's cost, frontier.json: measured times
 
 
 def command(run_dir: Path, config: str, overrides: list[str]) -> list[str]:

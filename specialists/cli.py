@@ -72,7 +72,7 @@ def stage_main(verb: str, argv: list[str] | None = None) -> int:
 
 
 def _run_verb(stage, args) -> int:
-    from .device import init_distributed, is_main
+    from .device import close_distributed, init_distributed, is_main
     from .reports.render import run_summary
     from .rundir import Run, load_config
     from .stages.pipeline import run_all, run_stage
@@ -84,10 +84,12 @@ def _run_verb(stage, args) -> int:
         run_all(cfg, force=args.force)
         if is_main():
             print(run_summary(Run(cfg)))
+        close_distributed()
         return 0
     options = {name: OPTIONS[name][1](getattr(args, name)) for name in stage.options
                if getattr(args, name) is not None}
     run_stage(cfg, stage.key, force=args.force, **options)
+    close_distributed()
     return 0
 
 

@@ -89,6 +89,14 @@ def init_distributed(device: str = "auto") -> bool:
     return True
 
 
+def close_distributed() -> None:
+    """Leave the process group once every rank is done: a rank that exits with it still open
+    can abort in gloo's teardown ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if world()[1] > 1:
         torch.distributed.barrier()

@@ -91,8 +91,12 @@ def test_compute_matched_control_and_report(ablated):
     cfg, d, result, _ = ablated
     c = result["control"]
     n_train = len(Run(cfg).data.train)
-    extra = result["subset_ablation"]["rows"][-1]["train_samples"]
-    assert c["specialist_samples"] == extra
+    # the specialists' training compute in generalist examples: samples x FLOPs per sample / the generalist's
+    unit = json.loads((d / "generalist" / "metrics.json").read_text())["train_flops_per_sample"]
+    specs = [json.loads(p.read_text()) for p in sorted((d / "specialists").glob("*/metrics.json"))]
+    extra = sum(m["train_samples"] * m["train_flops_per_sample"] / unit for m in specs)
+    assert 0.8 * result["subset_ablation"]["rows"][-1]["train_samples"] < extra  # whole networks: about their samples
+    assert c["specialist_samples"] == round(extra)
     assert c["epochs"] == max(1, round(extra / n_train)) and c["train_samples"] == c["epochs"] * n_train
     assert 0 < c["test_top1"] <= 1
     md = (d / "ablation" / "ablation.md").read_text()
@@ -101,3 +105,34 @@ def test_compute_matched_control_and_report(ablated):
     # the evaluation report, written before the control existed, now shows it too
     assert "generalist trained longer (compute-matched)" in (d / "evaluation" / "evaluation.md").read_text()
 
+
+
+def test_control_cost_and_the_frontier_after_the_ablation(ablated):
+    """The longer generalist records its cost and test predictions; the frontier, re-rendered
+    after the ablation, costs each first-k ensemble from the evaluation's per-specialist rows."""
+    import numpy as np
+
+    from specialists.core.cost import routed_flops
+
+    _, d, result, _ = ablated
+    ev = json.loads((d / "evaluation" / "evaluation.json").read_text())
+    c = result["control"]
+    assert c["inference_flops"] == ev["cost"]["generalist_flops"]  # the generalist's network
+    assert c["train_compute"] == c["train_samples"]  # ... and its FLOPs per training sample
+    y = np.load(d / "evaluation" / "test_labels.npy")
+    pred = np.load(d / "ablation" / "control" / "test_predictions.npy")
+    assert float((pred == y).mean()) == pytest.approx(c["test_top1"], abs=1e-6)
+    fr = json.loads((d / "evaluation" / "frontier.json").read_text())
+    by = {m["key"]: m for m in fr["models"]}
+    g_train = ev["cost"]["train_compute"]["generalist"]
+    assert by["longer_generalist"]["train_compute"] == g_train + c["train_compute"]
+    spec = {s["id"]: s for s in ev["per_specialist"]}
+    rows = result["subset_ablation"]["rows"]
+    assert {k for k in by if k.startswith("ensemble_k")} == {f"ensemble_k{r['k']}" for r in rows[1:-1]}
+    for r in rows[1:-1]:
+        e = by[f"ensemble_k{r['k']}"]
+        assert e["top1"] == r["top1"] and e["ci95_vs_generalist"] == r["ci95"]
+        assert e["inference_flops"] == routed_flops(ev["cost"]["generalist_flops"],
+                                                    [spec[i]["flops_per_example"] for i in r["ids"]],
+                                                    [spec[i]["routed_fraction"] for i in r["ids"]])
+        assert e["train_compute"] == pytest.approx(g_train + sum(spec[i]["train_compute"] for i in r["ids"]))

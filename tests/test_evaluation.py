@@ -168,3 +168,55 @@ def test_render_markdown_with_controls_and_summary(evaluated):
     text = print_summary(ev, run_dir=d)
     assert "Table 4" in text and str(d / "evaluation" / "by_coverage.png") in text
     assert all(f"| {r['label']} | {r['count']} |" in text for r in ev["by_coverage"])
+
+
+def test_evaluation_records_cost_predictions_and_the_frontier(evaluated):
+    """``cost`` is consistent with itself and with the per-specialist rows, the saved test
+    predictions give the recorded accuracies, and ``frontier.json`` holds the generalist and the
+    ensemble (the only models an evaluation alone has)."""
+    import numpy as np
+
+    from specialists.core.cost import flops_per_example
+    from specialists.rundir import Manifest, Run
+
+    cfg, d, _ = evaluated
+    ev = json.loads((d / "evaluation" / "evaluation.json").read_text())
+    c, rows = ev["cost"], ev["per_specialist"]
+    assert c["examples"] == ev["n"]  # the tiny test split fits in one timing batch
+    assert c["generalist_flops"] > 0 and c["flops_ratio"] == pytest.approx(c["ensemble_flops"] / c["generalist_flops"])
+    assert c["all_flops_ratio"] == pytest.approx(c["all_flops"] / c["generalist_flops"])
+    assert c["time_ratio"] == ev["timing"]["routed_over_generalist"]
+    # the generalist's count is its forward pass, per example
+    run = Run(cfg)
+    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(4))[0]
+    gen = run.load_generalist()
+    with torch.inference_mode():
+        assert c["generalist_flops"] == flops_per_example(gen, x)
+    # routed: the generalist plus each specialist on its share (the timing sample is the whole split)
+    assert all(r["routed_fraction"] == r["routed"] / ev["n"] and r["flops_per_example"] > 0 for r in rows)
+    assert c["ensemble_flops"] == pytest.approx(
+        c["generalist_flops"] + sum(r["flops_per_example"] * r["routed_fraction"] for r in rows), rel=1e-3)
+    assert c["ensemble_flops_test"] == pytest.approx(c["ensemble_flops"], rel=1e-3)
+    assert c["generalist_flops"] < c["ensemble_flops"] < c["all_flops"]
+    # training compute in generalist examples: the generalist's is its samples; whole-network specialists likewise
+    gm = json.loads((d / "generalist" / "metrics.json").read_text())
+    assert c["generalist_train_flops_per_example"] == gm["train_flops_per_sample"] > 2 * c["generalist_flops"]
+    tc = c["train_compute"]
+    assert tc["generalist"] == gm["train_samples"]
+    assert tc["ensemble"] == pytest.approx(tc["generalist"] + sum(r["train_compute"] for r in rows))
+    # the saved predictions are the evaluated models'
+    y = np.load(d / "evaluation" / "test_labels.npy")
+    for key in ("generalist", "ensemble"):
+        pred = np.load(d / "evaluation" / f"{key}_predictions.npy")
+        assert pred.dtype == np.int64 and float((pred == y).mean()) == pytest.approx(ev[key]["top1"], abs=1e-6)
+    fr = json.loads((d / "evaluation" / "frontier.json").read_text())
+    by = {m["key"]: m for m in fr["models"]}
+    assert set(by) == {"generalist", "ensemble"}
+    assert by["ensemble"]["inference_flops"] == c["ensemble_flops"] and by["ensemble"]["top1"] == ev["ensemble"]["top1"]
+    assert by["generalist"]["train_compute"] == tc["generalist"]
+    assert (d / "evaluation" / "frontier.png").stat().st_size > 0
+    assert "## Accuracy and cost" in (d / "evaluation" / "evaluation.md").read_text()
+    # frontier.json is a report (re-rendered by later stages), the predictions are verified artifacts
+    rec = Manifest(d / "manifest.json").record("evaluate")
+    assert "evaluation/frontier.json" in rec["reports"] and "evaluation/frontier.json" not in rec["artifacts"]
+    assert "evaluation/ensemble_predictions.npy" in rec["artifacts"]

@@ -153,3 +153,19 @@ def test_missing_upstream_through_the_cli(run_dir, tmp_path, capsys):
     assert main(["train-specialists", QUICKSTART, f"run_dir={run_dir}", *TINY, *SHORT]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and "specialists find-subsets" in err[0], err
+
+
+def test_a_key_added_after_a_stage_ran_counts_as_its_default(run_dir):
+    """A manifest written before a config key existed lacks it: the stage ran as the key's default
+    does, so the default changes nothing and any other value is refused like any change."""
+    path = run_dir / "manifest.json"
+    data = manifest(run_dir)
+    inputs = data["stages"]["generalist"]["inputs"]
+    assert inputs.pop("model.pretrained", "absent") is None  # as if model.pretrained were new
+    path.write_text(json.dumps(data))
+    before = snapshot(run_dir)
+    run_stage(tiny_config(run_dir, *SHORT), "generalist")  # done: nothing to redo
+    assert snapshot(run_dir) == before
+    (run_dir / "w.safetensors").write_bytes(b"")
+    with pytest.raises(SpecialistsError, match="model.pretrained"):
+        run_stage(tiny_config(run_dir, *SHORT, f"model.pretrained={run_dir / 'w.safetensors'}"), "generalist")

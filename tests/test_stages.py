@@ -22,8 +22,10 @@ EXPECTED_DEPENDS = {
     "evaluate": ["seed", "data", "model", "generalist", "subsets", "specialists", "distill.temperature",
                  "distill.loss", "combine", "evaluate"],
 }
-EXPECTED_DEPENDS["ablate"] = EXPECTED_DEPENDS["evaluate"] + ["ablate"]
-EXPECTED_DEPENDS["student"] = EXPECTED_DEPENDS["evaluate"] + ["student", "distill"]
+# every ablate key but ablate.cascade, which the student stage (where the cascade is computed) owns
+EXPECTED_DEPENDS["ablate"] = EXPECTED_DEPENDS["evaluate"] + ["ablate.counts", "ablate.order", "ablate.seed",
+                                                             "ablate.control"]
+EXPECTED_DEPENDS["student"] = EXPECTED_DEPENDS["evaluate"] + ["student", "distill", "ablate.cascade"]
 
 
 def test_rows_agree_with_the_contract():
@@ -43,6 +45,18 @@ def test_rows_agree_with_the_contract():
 
 def test_dependencies_and_downstream():
     assert {k: depends(k) for k in BY_KEY} == EXPECTED_DEPENDS
+
+
+def test_ablate_records_what_its_whole_section_did_but_the_cascade():
+    """The ablate stage names its keys one by one (to leave ``ablate.cascade`` to the student
+    stage): the manifest records the same flat inputs as the whole section did, so run
+    directories made before stay valid."""
+    from specialists.rundir.config import config_values, load_config
+
+    cfg = load_config(None, ["run_dir=/tmp/unused", "ablate.counts=[2,4]", "ablate.control=false"])
+    whole = config_values(cfg, ["ablate"])
+    assert whole.pop("ablate.cascade") is True
+    assert config_values(cfg, BY_KEY["ablate"].keys) == whole
     assert downstream("generalist") == [s.key for s in STAGES]
     assert downstream("evaluate") == ["evaluate", "ablate", "student"]
     assert downstream("ablate") == ["ablate"]

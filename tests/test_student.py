@@ -283,6 +283,45 @@ def test_killed_student_resumes_to_the_same_result(tiny_run, tmp_path, monkeypat
 
 
 # ----------------------------------------------------------------------------- the stage
+def _check_cost_and_cascade(d, m, n_val: int):
+    """The student stage's costs, its cascade and the frontier it re-renders."""
+    import numpy as np
+
+    ev = json.loads((d / "evaluation" / "evaluation.json").read_text())
+    f_g, f_ens = ev["cost"]["generalist_flops"], ev["cost"]["ensemble_flops"]
+    unit = ev["cost"]["generalist_train_flops_per_example"]
+    c, ctrl = m["comparisons"], m["control"]
+    # the student and the born-again student are the generalist's network: its FLOPs, and per
+    # training sample its training step plus the teacher's forward pass
+    assert m["inference_flops"] == ctrl["born_again"]["inference_flops"] == f_g
+    assert m["train_flops_per_sample"] == pytest.approx(unit + f_ens)
+    assert ctrl["born_again"]["train_flops_per_sample"] == pytest.approx(unit + f_g)
+    assert m["train_compute"] == pytest.approx(m["train_samples"] * (unit + f_ens) / unit)
+    assert ctrl["second_generalist"]["train_compute"] == ev["cost"]["train_compute"]["generalist"]
+    assert ctrl["two_generalist_average"]["inference_flops"] == pytest.approx(2 * f_g, rel=1e-3)
+    # the cascade: its threshold fitted to cost what the ensemble does, then measured on test
+    cas = ctrl["cascade"]
+    assert cas["target_flops"] == f_ens
+    assert cas["target_fraction"] == pytest.approx(min(1.0, (f_ens - f_g) / f_g), rel=1e-3)
+    # on validation it consults the share asked, to within one example
+    assert abs(cas["consulted_fraction"]["val"] - cas["target_fraction"]) <= 1 / n_val + 1e-9
+    assert cas["val_flops"] == pytest.approx(f_g + cas["consulted_fraction"]["val"] * f_g, rel=1e-3)
+    assert cas["inference_flops"] == pytest.approx(f_g + cas["consulted_fraction"]["test"] * f_g, rel=1e-3)
+    y = np.load(d / "evaluation" / "test_labels.npy")
+    pred = np.load(d / "student" / "cascade_predictions.npy")
+    assert float((pred == y).mean()) == pytest.approx(cas["test_top1"], abs=1e-6) == c["cascade"]["test_top1"]
+    assert cas["ci95_vs_generalist"][0] <= cas["change_vs_generalist"] <= cas["ci95_vs_generalist"][1]
+    for key in ("student", "born_again", "second_generalist"):
+        assert np.load(d / "student" / ("" if key == "student" else key) / "test_predictions.npy").shape == y.shape
+    # the frontier, re-rendered after this stage, has every model and names the best control
+    fr = json.loads((d / "evaluation" / "frontier.json").read_text())
+    assert {e["key"] for e in fr["models"]} >= {"generalist", "ensemble", "student", "born_again", "two_generalists",
+                                                "cascade"}
+    assert fr["best_control"] is not None and fr["best_control"]["inference_flops"] <= 1.05 * f_ens
+    assert "Best control at no more than the ensemble's inference cost" in (d / "student" / "student.md").read_text()
+    assert "Best control" in (d / "evaluation" / "evaluation.md").read_text()
+
+
 def test_stage_student_of_ensemble_with_controls(tiny_run, tmp_path, monkeypatch):
     from specialists.stages.pipeline import run_stage
 
@@ -297,14 +336,15 @@ def test_stage_student_of_ensemble_with_controls(tiny_run, tmp_path, monkeypatch
     for key in ("test_top5", "test_nll", "agreement_with_teacher", "train_seconds_per_epoch",
                 "inference_seconds_per_example"):
         assert m[key] is not None and m[key] > 0, key
-    assert set(m["control"]) == {"born_again", "second_generalist", "two_generalist_average"}
+    assert set(m["control"]) == {"born_again", "second_generalist", "two_generalist_average", "cascade"}
     comps = m["comparisons"]
-    assert set(comps) == {"generalist", "ensemble", "student", "born_again", "two_generalists"}
+    assert set(comps) == {"generalist", "ensemble", "student", "born_again", "two_generalists", "cascade"}
     assert all(0 <= r["test_top1"] <= 1 and r["seconds_per_example"] > 0 for r in comps.values())
     assert m["gain_over_born_again"]["points"] == pytest.approx(
         100 * (comps["student"]["test_top1"] - comps["born_again"]["test_top1"]))
     for sub in ("born_again", "second_generalist"):
         assert (out / sub / "model.safetensors").exists()
+    _check_cost_and_cascade(d, m, len(Run(cfg).data.split("val")))
 
     # the student agrees with the ensemble on a clear majority of test examples: on this tiny
     # run (a 44%-accurate teacher, 8x8 images) we measured 0.68 after 8 epochs

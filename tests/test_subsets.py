@@ -6,12 +6,15 @@ small cases, and a planted hierarchy whose groups the clustering must recover.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from specialists.core.covariance import covariance, normalize_columns
 from specialists.core.kmeans import kmeans
@@ -234,6 +237,152 @@ def test_subsets_ordered_by_size_then_smallest_id():
     assert [s.tolist() for s in subsets] == [[2, 3, 4], [0, 1], [5, 6]]
 
 
+# ----------------------------------------------------------------------------- coverage: overlapping subsets
+
+
+def _line_of_nine():
+    """9 classes on a line, 4 centroids at 0, 10, 20, 30; no two distances from one class tie.
+    Nearest-first centroid order per class (by hand): 0.5, 4 -> 0 1 2 3; 6 -> 1 0 2 3;
+    11, 14 -> 1 2 0 3; 17 -> 2 1 3 0; 23 -> 2 3 1 0; 26, 29.5 -> 3 2 1 0."""
+    points = np.array([0.5, 4, 6, 11, 14, 17, 23, 26, 29.5], dtype=np.float32)[:, None]
+    centroids = np.array([0, 10, 20, 30], dtype=np.float32)[:, None]
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3])  # the nearest centroid
+    return points, labels, centroids
+
+
+def _as_sets(subsets):
+    return {tuple(int(i) for i in s) for s in subsets}
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_coverage_puts_each_class_in_its_c_nearest_clusters(c):
+    points, labels, centroids = _line_of_nine()
+    subsets = select_subsets(points, labels, centroids, min_size=1, coverage=c)
+    # Independent reference: numpy's argsort of the squared distances, class by class.
+    d = ((points[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (9, 4)
+    nearest = np.argsort(d, axis=1)[:, :c]
+    expected = [np.flatnonzero((nearest == j).any(1)) for j in range(4)]
+    assert _as_sets(subsets) == _as_sets(expected) and len(subsets) == 4  # all four distinct here
+    per_class = sum(np.isin(np.arange(9), s).astype(int) for s in subsets)
+    assert per_class.tolist() == [c] * 9  # every class exactly c times
+    if c == 2:  # the same, by hand from the orders in _line_of_nine
+        assert [s.tolist() for s in subsets] == [[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8], [0, 1, 2], [6, 7, 8]]
+
+
+def test_coverage_merges_identical_subsets():
+    points, labels, centroids = _line_of_nine()
+    # c = 3: clusters 1 and 2 both take all nine classes and are kept once, so every class
+    # ends in 2 subsets, not 3. c = 4 = k: one subset of everything.
+    three = select_subsets(points, labels, centroids, min_size=1, coverage=3)
+    assert [s.tolist() for s in three] == [list(range(9)), [0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [s.tolist() for s in select_subsets(points, labels, centroids, min_size=1, coverage=4)] == [list(range(9))]
+    with pytest.raises(ValueError, match="coverage"):
+        select_subsets(points, labels, centroids, coverage=5)
+
+
+def test_coverage_size_rules_act_on_memberships():
+    points, labels, centroids = _line_of_nine()
+    # c = 2 clusters: 0 {0,1,2}, 1 {0..5}, 2 {3..8}, 3 {6,7,8}. max_size=4: cluster 1 keeps the 4
+    # nearest 10 (3 at 1, 2 and 4 at 4, 1 at 6), cluster 2 the 4 nearest 20 (5, 6 at 3; 4, 7 at
+    # 6); classes 0, 5, 3, 8 lose one membership and keep the other.
+    capped = select_subsets(points, labels, centroids, min_size=1, max_size=4, coverage=2)
+    assert [s.tolist() for s in capped] == [[1, 2, 3, 4], [4, 5, 6, 7], [0, 1, 2], [6, 7, 8]]
+    # Reassigned: 5 (7 from full centroid 10, then 13 from 30) joins cluster 3; 3 (9 from full
+    # 20, then 11 from 0) joins cluster 0; then everything is full: 0 and 8 stay at coverage 1.
+    moved = select_subsets(points, labels, centroids, min_size=1, max_size=4, coverage=2, leave_unwanted=False)
+    assert [s.tolist() for s in moved] == [[0, 1, 2, 3], [1, 2, 3, 4], [4, 5, 6, 7], [5, 6, 7, 8]]
+    # min_size=4 drops clusters 0 and 3 (3 members each): coverage falls to 1 outside 3, 4, 5.
+    small = select_subsets(points, labels, centroids, min_size=4, coverage=2)
+    assert [s.tolist() for s in small] == [[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8]]
+
+
+def test_coverage_one_is_the_partition_bit_for_bit(planted_data):
+    points, labels, centroids = _hand_clusters()
+    for kw in (dict(min_size=1), dict(min_size=2), dict(min_size=2, max_size=3),
+               dict(min_size=2, max_size=4, leave_unwanted=False)):
+        part = select_subsets(points, labels, centroids, **kw)
+        one = select_subsets(points, labels, centroids, coverage=1, **kw)
+        assert [s.tolist() for s in one] == [s.tolist() for s in part], kw
+    assert [s.tolist() for s in select_subsets(points, labels, centroids, min_size=1, coverage=1)] == \
+        [[0, 1, 2, 3], [5, 6, 7], [4]]  # the clusters as labelled
+    probs, y, _ = planted_data
+    a = find_subsets(probs, y, num_specialists=6)
+    b = find_subsets(probs, y, num_specialists=6, coverage=1)
+    assert [s.tolist() for s in a.subsets] == [s.tolist() for s in b.subsets]
+    groups = {tuple(np.flatnonzero(a.cluster_labels == j)) for j in range(6)}
+    assert _as_sets(b.subsets) == groups  # each k-means cluster, as it is
+    assert a.stats == b.stats and a.warnings == b.warnings and np.array_equal(a.coverage, b.coverage)
+
+
+def test_find_subsets_coverage_counts_and_hub_warning(planted_data):
+    probs, y, _ = planted_data
+    res = find_subsets(probs, y, num_specialists=6, coverage=2)
+    assert res.coverage.tolist() == [2] * 30  # no size rule bites: exactly 2 each
+    assert res.summary()["coverage_histogram"] == {"0": 0, "1": 0, "2": 30}
+    # The planted groups are nearly orthogonal, so the second choice concentrates on few
+    # centroids (docs: the hub); one subset then holds more than half the classes.
+    assert max(len(s) for s in res.subsets) > 15
+    assert any("coverage=2" in w and "max_size" in w for w in res.warnings)
+
+
+@pytest.fixture(scope="module")
+def covered_run(tiny_run, tmp_path_factory):
+    """The tiny run's generalist with find-subsets redone at subsets.coverage=2 (3 clusters of
+    9 classes)."""
+    from specialists.stages.pipeline import run_stage
+
+    d = tmp_path_factory.mktemp("coverage") / "run"
+    shutil.copytree(tiny_run.run_dir, d, ignore=shutil.ignore_patterns("*.lock", ".locks"))
+    cfg = tiny_config(d, "subsets.coverage=2")
+    run_stage(cfg, "subsets", force=True)  # the copy's subsets were found without coverage
+    return cfg, d
+
+
+def test_find_subsets_stage_with_coverage(covered_run):
+    cfg, d = covered_run
+    subsets = [e["classes"] for e in json.loads((d / "subsets" / "subsets.json").read_text())["subsets"]]
+    per_class = np.zeros(9, dtype=int)
+    for s in subsets:
+        per_class[s] += 1
+    assert per_class.tolist() == [2] * 9 and len(subsets) == 3
+    m = json.loads((d / "subsets" / "metrics.json").read_text())
+    assert m["coverage"] == 2
+    assert m["class_coverage"] == {"min": 2, "mean": 2.0, "max": 2, "histogram": {"0": 0, "1": 0, "2": 9}}
+    assert "adjusted_rand_index_subsets" not in m  # overlapping subsets are no labelling
+
+
+def test_table4_rows_with_overlapping_subsets(covered_run):
+    # Hinton's Table 4 sorts each test example by how many specialists cover its true class:
+    # with every class in exactly 2 subsets, all examples are in row 2.
+    from specialists.core.scoring import score
+    from specialists.rundir import Run
+
+    cfg, d = covered_run
+    subsets = [e["classes"] for e in json.loads((d / "subsets" / "subsets.json").read_text())["subsets"]]
+    y = Run(cfg).data.test.y
+    p = torch.nn.functional.one_hot(y.long(), 9).float() * 0.9 + 0.1 / 9  # any probabilities will do
+    rows = score(p, p, y, subsets, bootstrap=0)["by_coverage"]
+    assert [r["covered"] for r in rows] == [0, 1, 2, 3]
+    assert [r["count"] for r in rows] == [0, 0, len(y), 0]
+    assert rows[2]["generalist_correct"] == len(y)
+    # and a mixed case by hand: classes 0..2 in one subset, 3..8 in two
+    mixed = score(p, p, y, [[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8], [6, 7, 8]], bootstrap=0)["by_coverage"]
+    n_low = int((y < 3).sum())
+    assert [r["count"] for r in mixed] == [0, n_low, len(y) - n_low, 0]
+
+
+def test_coverage_config_is_one_line_naming_the_key(tmp_path):
+    from specialists.errors import ConfigError
+
+    for extra in (["subsets.coverage=4"], ["subsets.coverage=0"],  # tiny: subsets.num_specialists=3
+                  ["subsets.mode=nearest", "subsets.classes_per_specialist=3", "subsets.coverage=2"]):
+        with pytest.raises(ConfigError) as info:
+            tiny_config(tmp_path / "run", *extra)
+        msg = str(info.value)
+        assert "\n" not in msg and "'subsets.coverage'" in msg, msg
+    assert tiny_config(tmp_path / "run", "subsets.coverage=3").subsets.coverage == 3
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -280,6 +429,9 @@ def test_adjusted_rand_index():
     (dict(num_specialists=3, method="sklearn"), "method"),
     (dict(num_specialists=3, min_size=0), "min_size"),
     (dict(num_specialists=3, min_size=3, max_size=2), "max_size"),
+    (dict(num_specialists=3, coverage=4), "coverage"),
+    (dict(num_specialists=3, coverage=0), "coverage"),
+    (dict(num_specialists=3, mode="nearest", classes_per_specialist=3, coverage=2), "coverage"),
 ])
 def test_bad_parameters_raise_naming_them(planted_data, kwargs, name):
     probs, y, _ = planted_data

@@ -7,8 +7,10 @@ The chain, each step a pure function:
 2. :func:`~specialists.core.covariance.normalize_columns`: correlation, diagonal removed, unit
    columns (raw columns make k-means degenerate).
 3. :func:`~specialists.core.kmeans.kmeans` on those points (one point per class).
-4. :func:`select_subsets`: each cluster is a subset (``partition``), or each centroid takes
-   its K nearest classes (``nearest``, overlapping, fixed size as on JFT).
+4. :func:`select_subsets`: each cluster is a subset (``partition``; with ``coverage=c`` each
+   class joins its c nearest centroids, so subsets overlap and every class is in about c of
+   them), or each centroid takes its K nearest classes (``nearest``, overlapping, fixed size
+   as on JFT).
 5. :func:`subset_stats`: how much of the generalist's probability stays inside each subset.
 
 :func:`find_subsets` runs the chain and returns a :class:`SubsetResult`. Nothing here knows
@@ -48,12 +50,14 @@ def select_subsets(
     min_size: int = 2,
     max_size: int | None = None,
     leave_unwanted: bool = True,
+    coverage: int | None = None,
 ) -> list[np.ndarray]:
     """Class subsets, one per specialist.
 
     Args:
         points: (C, D) float32, rows = classes (the points given to :func:`kmeans`).
-        labels: (C,) cluster of each class; centroids: (k, D).
+        labels: (C,) cluster of each class (its nearest centroid, as :func:`kmeans` returns
+            it); centroids: (k, D).
         mode: ``"partition"``: each cluster is one subset, a class in at most one subset.
             Clusters with fewer than ``min_size`` classes are dropped; clusters with more
             than ``max_size`` keep the ``max_size`` classes nearest their centroid. The
@@ -63,9 +67,24 @@ def select_subsets(
             ``"nearest"``: each centroid takes the ``classes_per_specialist`` classes nearest
             it, so subsets overlap and all have exactly that size; identical subsets are
             kept once. ``min_size``/``max_size`` do not apply.
+        coverage: partition mode only; ``None`` is 1. Each class joins the clusters of its
+            ``coverage`` nearest centroids (:func:`nearest_centroids`: its own cluster, then
+            the others by distance), so before the size rules every class is in exactly
+            ``coverage`` clusters and the clusters overlap. The size rules then act on
+            memberships, as above: a cluster below ``min_size`` members is dropped, one
+            above ``max_size`` keeps the ``max_size`` members nearest its centroid (so
+            ``max_size`` caps each specialist's size, which coverage c multiplies by about
+            c); a class losing a membership keeps its others (its coverage drops by one),
+            or with ``leave_unwanted=False`` the lost membership moves to the nearest kept
+            centroid with room that does not hold the class yet. Identical subsets are kept
+            once, which also lowers the coverage of their classes. ``coverage=1`` is the
+            partition itself, bit for bit.
 
     Distances are euclidean to the centroid; on unit-length points (correlation
-    normalization) that ranks classes exactly as cosine similarity does.
+    normalization) that ranks classes exactly as cosine similarity does. Ranking centroids
+    for one class (``coverage``) is not cosine: ``|c|^2`` differs between centroids, and
+    where the groups are nearly orthogonal it decides a class's further choices, so one
+    centroid of small norm can collect most second memberships (a hub; ``max_size`` caps it).
 
     Returns:
         Sorted int64 arrays of class ids, ordered by size (descending), then smallest id.
@@ -83,6 +102,10 @@ def select_subsets(
     dist = squared_distances(x, cents)  # (C, k): small, computed once
 
     if mode == "nearest":
+        if coverage is not None:
+            raise ParameterError("coverage does not apply to mode='nearest' (there each centroid takes its "
+                                 "classes_per_specialist nearest classes; coverage makes each class join its "
+                                 "nearest centroids: two different ways to overlap)")
         if classes_per_specialist is None:
             raise ParameterError("classes_per_specialist is required when mode='nearest'")
         size = check_int(classes_per_specialist, "classes_per_specialist", 1, c)
@@ -95,11 +118,19 @@ def select_subsets(
     min_size = check_int(min_size, "min_size", 1)
     if max_size is not None:
         max_size = check_int(max_size, "max_size", min_size)
+    coverage = 1 if coverage is None else check_int(coverage, "coverage", 1, k)
 
+    # (C, k) bool: class i joins cluster j. With coverage 1 this is labels == j exactly (the
+    # first choice of every class is its own cluster), so the partition is not a special case.
+    joins = np.zeros((c, k), dtype=bool)
+    if c:
+        joins[np.arange(c)[:, None], nearest_centroids(dist, labels, coverage)] = True
     members: dict[int, list[int]] = {}
+    # Lost memberships, one entry per (class, cluster) dropped or trimmed; a class appears as
+    # many times as it lost memberships (at most once when coverage is 1).
     orphans: list[int] = []
     for j in range(k):
-        cls = np.flatnonzero(labels == j)
+        cls = np.flatnonzero(joins[:, j])
         if len(cls) == 0:
             continue
         if len(cls) < min_size:
@@ -114,16 +145,40 @@ def select_subsets(
     if not leave_unwanted and orphans and members:
         kept = np.array(sorted(members), dtype=np.int64)
         orphans_arr = np.array(sorted(orphans), dtype=np.int64)
-        d = dist[np.ix_(orphans_arr, kept)]  # (n_orphans, n_kept)
+        d = dist[np.ix_(orphans_arr, kept)]  # (n_orphans, n_kept), a copy
+        held = {j: set(m) for j, m in members.items()}
+        # A class is in a subset once: with coverage > 1 a kept cluster that already holds the
+        # class is no candidate (inf), so a lost membership moves to the class's next nearest
+        # kept centroid. With coverage 1 an orphan is in no kept cluster: nothing is masked.
+        for col, j in enumerate(kept.tolist()):
+            d[[i in held[j] for i in orphans_arr.tolist()], col] = np.inf
         # Most confident first: the orphan closest to some kept centroid picks first, so
         # when max_size leaves little room the best-fitting classes get it.
         for r in np.lexsort((orphans_arr, d.min(1))):
+            i = int(orphans_arr[r])
             for col in np.argsort(d[r], kind="stable"):
                 j = int(kept[col])
-                if max_size is None or len(members[j]) < max_size:
-                    members[j].append(int(orphans_arr[r]))
+                if i not in held[j] and (max_size is None or len(members[j]) < max_size):
+                    members[j].append(i)
+                    held[j].add(i)
                     break
     return _dedupe_and_order([np.array(m, dtype=np.int64) for m in members.values()])
+
+
+def nearest_centroids(dist: np.ndarray, labels: np.ndarray, coverage: int) -> np.ndarray:
+    """The ``coverage`` clusters each class joins: (C, coverage) int64 centroid ids.
+
+    Column 0 is the class's own cluster ``labels`` (its nearest centroid: :func:`kmeans`
+    assigns by the same :func:`squared_distances`), then the other centroids by increasing
+    squared distance ``dist`` (C, k), ties broken by the lower centroid id. Taking ``labels``
+    as given, rather than re-deriving it from ``dist``, keeps coverage 1 the partition even
+    where two centroids tie.
+    """
+    c, k = dist.shape
+    coverage = check_int(coverage, "coverage", 1, k)
+    d = np.array(dist, dtype=np.float32)
+    d[np.arange(c), labels] = -1.0  # squared distances are >= 0: the own cluster sorts first
+    return np.argsort(d, axis=1, kind="stable")[:, :coverage].astype(np.int64)
 
 
 def _dedupe_and_order(subsets: list[np.ndarray]) -> list[np.ndarray]:
@@ -214,6 +269,25 @@ def subset_stats(probs, labels_true, subsets, chunk_size: int = 2048) -> list[di
     return stats
 
 
+def class_coverage(subsets, num_classes: int) -> np.ndarray:
+    """(C,) int64: how many of ``subsets`` hold each class (0 = left to the generalist)."""
+    cov = np.zeros(int(num_classes), dtype=np.int64)
+    for s in subsets:
+        cov[np.unique(np.asarray(s, dtype=np.int64))] += 1  # unique: a repeated id counts once
+    return cov
+
+
+def coverage_summary(coverage) -> dict:
+    """The realized coverage per class, JSON-ready: ``min``, ``mean``, ``max`` over the C
+    classes and ``histogram`` {number of subsets: number of classes held by that many},
+    every count from 0 to the maximum listed (zeros included)."""
+    cov = np.asarray(coverage, dtype=np.int64)
+    if cov.size == 0:
+        return {"min": None, "mean": None, "max": None, "histogram": {}}
+    return {"min": int(cov.min()), "mean": float(cov.mean()), "max": int(cov.max()),
+            "histogram": {str(i): int(v) for i, v in enumerate(np.bincount(cov))}}
+
+
 def adjusted_rand_index(labels_a, labels_b) -> float:
     """Adjusted Rand index between two labelings of the same items (scikit-learn's): 1 for
     identical partitions up to renaming, about 0 for chance agreement."""
@@ -286,6 +360,7 @@ def find_subsets(
     niter: int = 50,
     nredo: int = 3,
     passes: int = 5,
+    coverage: int | None = None,
 ) -> SubsetResult:
     """Covariance -> normalization -> k-means (``num_specialists`` clusters) -> subsets ->
     statistics. See the step functions for the arguments (``niter``, ``nredo``: faiss;
@@ -294,13 +369,17 @@ def find_subsets(
     Args:
         probs: (N, C) generalist probabilities on held-in data.
         labels_true: (N,) true classes, for the statistics (``None`` skips them).
+        coverage: partition mode: each class joins its ``coverage`` nearest of the
+            ``num_specialists`` centroids (:func:`select_subsets`); ``None``: the partition.
+            Refused with ``mode='nearest'``.
 
     Raises:
         ValueError (:class:`ParameterError`) with one line naming the parameter.
 
     A degenerate clustering is not an error but gets a warning (in ``result.warnings`` and
-    the log): one subset holding more than half the classes (partition mode), or fewer
-    subsets than asked (empty or too-small clusters, or identical nearest-mode subsets).
+    the log): one subset (with coverage > 1: one k-means cluster) holding more than half the
+    classes (partition mode), or fewer subsets than asked (empty or too-small clusters, or
+    identical subsets merged).
     """
     probs = as_2d_probs(probs)
     n, c = probs.shape
@@ -316,6 +395,11 @@ def find_subsets(
         classes_per_specialist = check_int(classes_per_specialist, "classes_per_specialist", 1, c)
     elif classes_per_specialist is not None:
         check_int(classes_per_specialist, "classes_per_specialist", 1, c)
+    if coverage is not None:
+        if mode == "nearest":
+            raise ParameterError("coverage does not apply to mode='nearest' (two different ways to overlap)")
+        # At most one membership per cluster: a class cannot join more clusters than there are.
+        coverage = check_int(coverage, "coverage", 1, num_specialists)
     min_size = check_int(min_size, "min_size", 1, c)
     if max_size is not None:
         max_size = check_int(max_size, "max_size", min_size)
@@ -336,31 +420,50 @@ def find_subsets(
                                nredo=nredo, passes=passes)
     subsets = select_subsets(
         rows, labels, centroids, mode=mode, classes_per_specialist=classes_per_specialist,
-        min_size=min_size, max_size=max_size, leave_unwanted=leave_unwanted,
+        min_size=min_size, max_size=max_size, leave_unwanted=leave_unwanted, coverage=coverage,
     )
     stats = subset_stats(probs, labels_true, subsets) if labels_true is not None else []
 
     cluster_sizes = np.bincount(labels, minlength=num_specialists).astype(np.int64)
-    coverage = np.zeros(c, dtype=np.int64)
-    for s in subsets:
-        coverage[s] += 1
+    realized = class_coverage(subsets, c)
     sizes = [len(s) for s in subsets]
     size_histogram = dict(sorted(Counter(sizes).items()))
+    overlap = coverage is not None and coverage > 1
 
     warnings: list[str] = []
-    # Only partition sizes come from the clustering; nearest-mode sizes are the caller's.
-    if mode == "partition" and sizes and max(sizes) > c / 2 and c > 2:
+    # Only partition sizes come from the clustering; nearest-mode sizes are the caller's. With
+    # coverage c a subset is about c times its cluster, so the clustering is judged by the
+    # k-means clusters themselves.
+    biggest, what = (int(cluster_sizes.max()), "k-means cluster") if overlap else (max(sizes, default=0), "subset")
+    if mode == "partition" and biggest > c / 2 and c > 2:
         warnings.append(
-            f"degenerate clustering: one subset holds {max(sizes)} of {c} classes (more than half); "
+            f"degenerate clustering: one {what} holds {biggest} of {c} classes (more than half); "
             f"normalize={normalize!r}" + (" (try normalize='correlation')" if normalize == "raw" else "")
+        )
+    elif overlap and max(sizes, default=0) > c / 2 and c > 2:
+        # A hub: when the groups are nearly orthogonal, every centroid but a class's own is at
+        # about the same distance, and the one with the smallest norm is everyone's next choice.
+        warnings.append(
+            f"one subset holds {max(sizes)} of {c} classes (more than half): with coverage={coverage} many "
+            "classes' next-nearest centroid is the same one (subsets.max_size caps a subset)"
         )
     if len(subsets) < num_specialists:
         if mode == "nearest":
             why = "identical subsets merged"
         else:
-            empty = int((cluster_sizes == 0).sum())
-            small = int(((cluster_sizes > 0) & (cluster_sizes < min_size)).sum())
+            # Members per cluster before the size rules: the k-means clusters, or with
+            # coverage c the classes that joined each (recomputed only here, for the message).
+            joined = cluster_sizes if not overlap else np.bincount(
+                nearest_centroids(squared_distances(rows, centroids), labels, coverage).ravel(),
+                minlength=num_specialists)
+            empty = int((joined == 0).sum())
+            small = int(((joined > 0) & (joined < min_size)).sum())
+            # Kept clusters only grow (reassignment adds, never removes), so those not in the
+            # result were identical to another: impossible for disjoint partition subsets.
+            merged = num_specialists - empty - small - len(subsets)
             why = f"{empty} empty clusters, {small} below min_size={min_size}"
+            if merged > 0:
+                why += f", {merged} identical subsets merged"
         warnings.append(f"got {len(subsets)} subsets of {num_specialists} requested ({why})")
     for w in warnings:
         log.warning(w)
@@ -368,5 +471,5 @@ def find_subsets(
     return SubsetResult(
         subsets=subsets, cluster_labels=labels, centroids=centroids, covariance=cov,
         points=points, stats=stats, size_histogram=size_histogram, warnings=warnings,
-        num_requested=num_specialists, coverage=coverage, cluster_sizes=cluster_sizes,
+        num_requested=num_specialists, coverage=realized, cluster_sizes=cluster_sizes,
     )

@@ -21,6 +21,7 @@ from ..core.checks import ParameterError
 from ..core.combine import ROUTINGS, combine, membership, prepare_subsets, route
 from ..device import autocast
 from ..errors import SpecialistsError
+from ..models.branch import rows_of, tail_input
 from .predictor import Predictor, Tensor, open_run, top_classes
 
 
@@ -33,11 +34,16 @@ class SpecialistEnsemble(Predictor):
 
     def __init__(self, generalist, specialists: Sequence, subsets: Sequence, info: dict, device,
                  top_n: int = 1, solver: str = "em", routing: str = "routed", max_iter: int = 200,
-                 tol: float = 1e-6, batch_size: int = 1024, ids: Sequence[int] | None = None):
+                 tol: float = 1e-6, batch_size: int = 1024, ids: Sequence[int] | None = None,
+                 trunk=None, generalist_part=None):
         super().__init__(info, device, batch_size)
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
         self.generalist = generalist.to(self.device).eval()
+        # shared trunk (specialists.branch): run once per batch; the generalist's part and each
+        # specialist then take its output. Whole networks: no trunk, the parts take the inputs.
+        self.trunk = trunk.to(self.device).eval() if trunk is not None else None
+        self.generalist_part = generalist_part.to(self.device).eval() if trunk is not None else self.generalist
         self.specialists = [s.to(self.device).eval() for s in specialists]
         self.subsets = [torch.as_tensor(s, dtype=torch.long, device=self.device) for s in subsets]
         self.ids = list(ids) if ids is not None else list(range(len(subsets)))
@@ -82,21 +88,29 @@ class SpecialistEnsemble(Predictor):
             if max(e["classes"]) >= C:
                 raise SpecialistsError(f"{run.dir}: subset {e['id']} names class {max(e['classes'])} but the run has "
                                        f"{C} classes")
-            models.append(run.load_model(run.specialist(e["id"]), len(e["classes"]) + 1))
+            models.append(run.load_specialist(e["id"], len(e["classes"]) + 1))
             subsets.append(e["classes"])
+        trunk, part = run.split_generalist(generalist) if run.branch is not None else (None, None)
         c = run.cfg.combine
         try:
             return cls(generalist, models, subsets, info, run.device, top_n=top_n or c.top_n,
                        solver=solver or c.solver, routing=routing or c.routing, max_iter=c.max_iter, tol=c.tol,
-                       batch_size=batch_size, ids=[e["id"] for e in entries])
+                       batch_size=batch_size, ids=[e["id"] for e in entries], trunk=trunk, generalist_part=part)
         except ParameterError as exc:  # e.g. a subset repeating a class id
             raise SpecialistsError(f"{run.subsets_json}: {exc}") from None
 
     def with_routing(self, routing: str) -> "SpecialistEnsemble":
         """The same models and settings with another routing (no reload)."""
-        return SpecialistEnsemble(self.generalist, self.specialists, self.subsets, self.info, self.device,
-                                  top_n=self.top_n, solver=self.solver, routing=routing, max_iter=self.max_iter,
-                                  tol=self.tol, batch_size=self.batch_size, ids=self.ids)
+        return self.select(range(len(self.specialists)), routing)
+
+    def select(self, positions: Sequence[int], routing: str | None = None) -> "SpecialistEnsemble":
+        """The ensemble with only the specialists at ``positions`` (same models, no reload)."""
+        sel = sorted(positions)
+        return SpecialistEnsemble(self.generalist, [self.specialists[m] for m in sel], [self.subsets[m] for m in sel],
+                                  self.info, self.device, top_n=self.top_n, solver=self.solver,
+                                  routing=routing or self.routing, max_iter=self.max_iter, tol=self.tol,
+                                  batch_size=self.batch_size, ids=[self.ids[m] for m in sel], trunk=self.trunk,
+                                  generalist_part=self.generalist_part)
 
     # --- the pieces ----------------------------------------------------------------------
     def route(self, p_general: Tensor) -> Tensor:
@@ -107,19 +121,22 @@ class SpecialistEnsemble(Predictor):
         """Normalized inputs (B, ...) -> (p_general (B, C), [p_m (B, |S_m|+1)], active (B, M)).
 
         Each specialist runs only on the rows that activate it (all rows with routing=all);
-        rows it did not run on hold zeros, which ``combine`` ignores.
+        rows it did not run on hold zeros, which ``combine`` ignores. With a shared trunk, the
+        trunk runs once on the batch and every part (the generalist's, each specialist's) on its
+        output.
         """
         with autocast(self.device):
-            p_g = torch.softmax(self.generalist(x).float(), 1)
+            h = self.trunk(x) if self.trunk is not None else x
+            p_g = torch.softmax(tail_input(self.generalist_part, h).float(), 1)
         active = self.route(p_g)
         p_specs = []
         for m, model in enumerate(self.specialists):
             out = torch.zeros(len(x), len(self.subsets[m]) + 1, device=x.device)
             rows = torch.nonzero(active[:, m]).squeeze(1)
             if len(rows):
-                xb = x if len(rows) == len(x) else x[rows]
+                hb = h if len(rows) == len(x) else rows_of(h, rows)
                 with autocast(self.device):
-                    out[rows] = torch.softmax(model(xb).float(), 1)
+                    out[rows] = torch.softmax(tail_input(model, hb).float(), 1)
             p_specs.append(out)
         return p_g, p_specs, active
 

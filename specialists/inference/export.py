@@ -142,6 +142,10 @@ def export_run(run_dir, model: str = "student", fmt: str = "onnx", out=None, *, 
         say(line)
     # Load (and check) the models before anything is written: a missing student or an untrained
     # specialist is refused here.
+    if model == "ensemble" and run.branch is not None:
+        raise SpecialistsError(f"{run.dir}: its specialists share the generalist's trunk (specialists.branch="
+                               f"{run.cfg.specialists.branch}), which the ONNX export does not split yet; export "
+                               "--model generalist or student, or serve the ensemble with the Python API")
     if model == "ensemble":
         ens = SpecialistEnsemble.from_run(run, solver="em")
         if not ens.specialists:

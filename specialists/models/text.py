@@ -47,7 +47,9 @@ class TextCNNFeatures(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_dim = filters * len(kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L') ids -> (B, dim, L'') embeddings with pads zeroed (L'' >= the widest kernel) and
+        (B, 1) real tokens per row: the input of :func:`conv_pool` (a shared trunk's output)."""
         mask = x != PAD_ID
         lengths = mask.sum(1, keepdim=True)  # (B, 1) real tokens per row
         # zeroed pads: padding invariance must not hinge on the pad row of the embedding staying 0
@@ -55,14 +57,23 @@ class TextCNNFeatures(nn.Module):
         widest = max(c.kernel_size[0] for c in self.convs)
         if e.shape[-1] < widest:  # only short rows: make room for one window of every width
             e = nn.functional.pad(e, (0, widest - e.shape[-1]))
-        pooled = []
-        for conv in self.convs:
-            k = conv.kernel_size[0]
-            h = torch.relu(conv(e)).float()  # (B, filters, windows); float32 before meeting -inf
-            # window t covers tokens t..t+k-1: keep those wholly real, or the first one of a short row
-            valid = torch.arange(h.shape[-1], device=x.device) <= (lengths - k).clamp(min=0)  # (B, windows)
-            pooled.append(h.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(dim=-1))
-        return self.dropout(torch.cat(pooled, dim=1))
+        return e, lengths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_pool(self.convs, self.dropout, *self.embed_tokens(x))
+
+
+def conv_pool(convs: nn.ModuleList, dropout: nn.Module, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """TextCNN's convolutions over embeddings ``e`` (B, dim, L''), each filter's max over the
+    windows lying on the ``lengths`` (B, 1) real tokens (a short row: its first window), dropout."""
+    pooled = []
+    for conv in convs:
+        k = conv.kernel_size[0]
+        h = torch.relu(conv(e)).float()  # (B, filters, windows); float32 before meeting -inf
+        # window t covers tokens t..t+k-1: keep those wholly real, or the first one of a short row
+        valid = torch.arange(h.shape[-1], device=e.device) <= (lengths - k).clamp(min=0)  # (B, windows)
+        pooled.append(h.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(dim=-1))
+    return dropout(torch.cat(pooled, dim=1))
 
 
 class BiLSTMFeatures(nn.Module):
@@ -80,13 +91,19 @@ class BiLSTMFeatures(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L') ids -> (B, L', 2 * hidden) outputs [forward | backward], 0 at pads; (B, L') bool mask."""
         mask = x != PAD_ID
-        lengths = mask.sum(1).cpu()  # pack_padded_sequence wants the lengths on the CPU
-        packed = pack_padded_sequence(self.embed(x), lengths, batch_first=True, enforce_sorted=False)
-        h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
-        return h, mask
+        return run_lstm(self.lstm, self.embed(x), mask), mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(masked_pool(*self.encode(x), self.pooling))
+
+
+def run_lstm(lstm: nn.LSTM, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``lstm`` over embeddings ``e`` (B, L', dim) on the real tokens of ``mask`` (B, L') only (packed,
+    so the backward direction starts at each row's last real token): (B, L', 2 * hidden), 0 at pads."""
+    lengths = mask.sum(1).cpu()  # pack_padded_sequence wants the lengths on the CPU
+    packed = pack_padded_sequence(e, lengths, batch_first=True, enforce_sorted=False)
+    h, _ = pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=e.shape[1])
+    return h
 
 
 class TransformerFeatures(nn.Module):

@@ -20,7 +20,8 @@ def control_rows(run: Run) -> list[dict]:
     if run.control.metrics.exists():
         c = read_json(run.control.metrics)
         rows.append({"name": "generalist trained longer (compute-matched)", "test_top1": c["test_top1"],
-                     "note": f"{c['train_samples']} extra training samples vs the specialists' {c['specialist_samples']}"})
+                     "note": f"{c['train_samples']} extra training samples vs the specialists' {c['specialist_samples']} "
+                             "(their training compute, in generalist examples)"})
     if run.student.metrics.exists():
         rows += student_rows(read_json(run.student.metrics))
     return rows

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .controls import controls_table
 from .format import ci, num, pct, pts
+from .frontier import best_control_sentence
+from .frontier import markdown as frontier_markdown
 
 
 def _headline(ev: dict) -> list[str]:
@@ -47,11 +49,13 @@ def _coverage_table(ev: dict) -> list[str]:
     return rows
 
 
-def render_markdown(evaluation: dict, controls: list[dict] | None = None) -> str:
+def render_markdown(evaluation: dict, controls: list[dict] | None = None, frontier: dict | None = None) -> str:
     """``evaluation.md``: the evaluation dict as tables a person reads.
 
     ``controls``: rows for the controls table, each ``{"name", "test_top1", "note"}``
     (:func:`~specialists.reports.controls.control_rows`: what the same compute buys otherwise).
+    ``frontier``: ``frontier.json`` (:mod:`~specialists.reports.frontier`): every model by
+    accuracy and cost, and the best control at no more than the ensemble's inference cost.
     """
     ev = evaluation
     cb = ev.get("combine", {})
@@ -67,6 +71,9 @@ def render_markdown(evaluation: dict, controls: list[dict] | None = None) -> str
 
     if controls:
         lines += ["", "## Controls: what the same extra compute buys otherwise", ""] + controls_table(ev["generalist"]["top1"], ev["ensemble"]["top1"], controls)
+    fr = frontier_markdown(frontier)
+    if fr:
+        lines += [""] + fr
 
     if ev.get("routing"):
         r = ev["routing"]
@@ -98,21 +105,31 @@ def render_markdown(evaluation: dict, controls: list[dict] | None = None) -> str
                   f"| generalist alone | {1e3 * t['generalist_s_per_example']:.4f} | 1.00x |",
                   f"| routed ensemble | {1e3 * t['routed_s_per_example']:.4f} | {num(t['routed_over_generalist'], '.2f')}x |",
                   f"| `all` routing | {1e3 * t['all_s_per_example']:.4f} | {num(t['all_over_generalist'], '.2f')}x |"]
+    if ev.get("cost"):
+        c = ev["cost"]
+        lines += ["", f"Counted FLOPs per example on the same {c['examples']} examples: routed ensemble "
+                  f"{num(c['flops_ratio'], '.2f')}x the generalist's, `all` routing {num(c['all_flops_ratio'], '.2f')}x "
+                  f"(measured time: {num(c['time_ratio'], '.2f')}x and {num(c['all_time_ratio'], '.2f')}x)."]
     if ev.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in ev["plots"]]
     return "\n".join(lines) + "\n"
 
 
-def print_summary(evaluation: dict, run_dir=None, controls: list[dict] | None = None) -> str:
+def print_summary(evaluation: dict, run_dir=None, controls: list[dict] | None = None,
+                  frontier: dict | None = None) -> str:
     """The quickstart's closing console text (returned; the caller prints it): the headline
-    table, conditional accuracy, the Table-4 rows, the controls and where the plots are
-    (joined to ``run_dir`` when given, else relative to the run directory)."""
+    table, conditional accuracy, the Table-4 rows, the controls, the best control at no more
+    than the ensemble's inference cost (``frontier``: ``frontier.json``) and where the plots
+    are (joined to ``run_dir`` when given, else relative to the run directory)."""
     ev = evaluation
     lines = [f"Evaluation on the test split ({ev['n']} examples, {ev['num_specialists']} specialists)", ""]
     lines += _headline(ev) + ["", _significance_line(ev), ""] + _conditional_lines(ev) + ["", "Table 4:"]
     lines += _coverage_table(ev)
     if controls:
         lines += ["", "Controls (what the same extra compute buys otherwise):"] + controls_table(ev["generalist"]["top1"], ev["ensemble"]["top1"], controls)
+    sentence = best_control_sentence(frontier)
+    if sentence:
+        lines += ["", sentence]
     plots = [str(Path(run_dir) / p) if run_dir is not None else p for p in ev.get("plots", [])]
     if plots:
         lines += ["", "Plots:"] + [f"  {p}" for p in plots]

@@ -36,3 +36,13 @@ def seconds(s) -> str:
     if _undefined(s):
         return "-"
     return f"{s * 1e3:.4f} ms" if s >= 1e-5 else f"{s * 1e6:.3f} µs"
+
+
+def flops(v) -> str:
+    """A count of floating-point operations with an SI prefix: 1.16e6 -> ``1.16 MFLOPs``."""
+    if _undefined(v):
+        return "-"
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {prefix}FLOPs"
+    return f"{v:.3g} FLOPs"

@@ -396,3 +396,48 @@ def plot_tree_path(example: np.ndarray, filters: np.ndarray, decisions: list[dic
     fig.suptitle(title or "one example's path", fontsize=9)
     fig.tight_layout()
     return _save_png(fig, path)
+
+
+def plot_frontier(models: list[dict], path, title: str | None = None) -> Path:
+    """Test top-1 against inference FLOPs per example (log x) for every model of
+    ``frontier.json`` (``models``), with its 95% interval (the paired interval of its
+    difference to the generalist, drawn around its own top-1) and the Pareto front as a step
+    line. Each point is numbered (models at the same point share a number) and the numbers are
+    named beside the axes, so crowded points stay readable. Models without FLOPs are left out."""
+    pts = sorted((m for m in models if m.get("inference_flops") and m.get("top1") is not None),
+                 key=lambda m: (m["inference_flops"], -m["top1"]))
+    fig = _figure(figsize=(10, 4.8))
+    ax = fig.add_axes((0.08, 0.11, 0.5, 0.8))
+    g = next((m["top1"] for m in models if m["key"] == "generalist"), None)
+    colors = {"generalist": "k", "ensemble": "#1f77b4", "control": "#d62728"}
+    for m in pts:
+        x, y, ci = m["inference_flops"], m["top1"], m.get("ci95_vs_generalist")
+        yerr = None
+        if ci and g is not None:  # the interval of top-1 - generalist, around this model's top-1
+            yerr = [[max(0.0, y - (g + ci[0]))], [max(0.0, g + ci[1] - y)]]
+        ax.errorbar([x], [y], yerr=yerr, fmt="o", ms=5, capsize=3, lw=1, color=colors.get(m["kind"], "gray"),
+                    mfc="white" if not m.get("pareto") else None)
+    points: dict = {}  # models at the same point share one number
+    for m in pts:
+        points.setdefault((m["inference_flops"], m["top1"]), []).append(m["model"])
+    key = []
+    for i, ((x, y), names) in enumerate(points.items(), 1):
+        ax.annotate(str(i), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+        key.append(f"{i}: {' = '.join(names)}")
+    fig.text(0.62, 0.91, "\n".join(key), fontsize=7, va="top", ha="left", wrap=True)
+    right = max((m["inference_flops"] for m in pts), default=1.0) * 1.3
+    front = sorted((m["inference_flops"], m["top1"]) for m in pts if m.get("pareto"))
+    if front:  # a staircase, carried on to the right edge: what each budget buys at best
+        xs, ys = zip(*front, (right, front[-1][1]))
+        ax.step(xs, ys, where="post", color="#2ca02c", lw=1.2, alpha=0.8, label="Pareto front")
+    for kind, color in colors.items():
+        ax.plot([], [], "o", color=color, ms=5, label=kind)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_xscale("log")
+    if pts:
+        ax.set_xlim(pts[0]["inference_flops"] / 1.15, right)
+    ax.set_xlabel("inference FLOPs per example (log scale)")
+    ax.set_ylabel("test top-1")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title or "Accuracy against inference cost (filled: on the Pareto front)", fontsize=9)
+    return _save_png(fig, path)

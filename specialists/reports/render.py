@@ -13,14 +13,16 @@ import torch
 from ..core.covariance import normalize_columns
 from ..rundir import Run
 from ..rundir.config import TREE, student_model_config
-from ..rundir.io import read_json, read_npy, write_text
+from ..rundir.io import read_json, read_npy, write_json, write_text
 from . import ablation, evaluation, student
+from . import frontier as frontier_report
 from .controls import control_rows
 from .plots import (
     plot_ablation,
     plot_by_coverage,
     plot_covariance,
     plot_curves,
+    plot_frontier,
     plot_specialists,
     plot_tree,
     plot_tree_path,
@@ -54,10 +56,35 @@ def evaluation_plots(run: Run) -> None:
     plot_specialists(ev["per_specialist"], per_specialist)
 
 
+def frontier(run: Run) -> None:
+    """``evaluation/frontier.json`` and ``frontier.png``: every model of the run so far by
+    accuracy and cost, the Pareto front, the best control at the ensemble's inference cost
+    (rendered before the reports that name it)."""
+    if not run.evaluation_json.exists():
+        return
+
+    def optional(path):
+        return read_json(path) if path.exists() else None
+
+    preds = {k: read_npy(run.predictions(k)) for k in frontier_report.PREDICTION_KEYS if run.predictions(k).exists()}
+    labels = read_npy(run.test_labels_npy) if run.test_labels_npy.exists() else None
+    fr = frontier_report.build(read_json(run.evaluation_json), optional(run.ablation_json), optional(run.control.metrics),
+                               optional(run.student.metrics), preds, labels, run.cfg.evaluate.bootstrap, run.cfg.seed)
+    write_json(run.frontier_json, fr)
+    plot_frontier(fr["models"], run.frontier_png)
+
+
+def _frontier(run: Run) -> dict | None:
+    """``frontier.json`` as the last :func:`frontier` wrote it (None before the first)."""
+    return read_json(run.frontier_json) if run.frontier_json.exists() else None
+
+
 def evaluation_report(run: Run) -> None:
-    """``evaluation/evaluation.md``, with every control trained so far."""
+    """``evaluation/evaluation.md``, with every control trained so far and the accuracy-cost
+    frontier."""
     if run.evaluation_json.exists():
-        write_text(run.evaluation_md, evaluation.render_markdown(read_json(run.evaluation_json), control_rows(run)))
+        write_text(run.evaluation_md, evaluation.render_markdown(read_json(run.evaluation_json), control_rows(run),
+                                                                 _frontier(run)))
 
 
 def ablation_plot(run: Run) -> None:
@@ -73,7 +100,7 @@ def ablation_report(run: Run) -> None:
 
 def student_report(run: Run) -> None:
     """``student/student.md``."""
-    write_text(run.student_md, student.render_markdown(read_json(run.student.metrics)))
+    write_text(run.student_md, student.render_markdown(read_json(run.student.metrics), _frontier(run)))
 
 
 def tree_plots(run: Run) -> None:
@@ -104,5 +131,5 @@ def run_summary(run: Run) -> str:
     ev = read_json(run.evaluation_json)
     shown = set(ev.get("plots", []))
     reports = sorted(str(p) for p in run.dir.glob("*/*") if p.suffix in (".md", ".png") and run.rel(p) not in shown)
-    return "\n".join([evaluation.print_summary(ev, run.dir, control_rows(run)), "", "Reports:"]
+    return "\n".join([evaluation.print_summary(ev, run.dir, control_rows(run), _frontier(run)), "", "Reports:"]
                      + [f"  {p}" for p in reports])

@@ -4,6 +4,7 @@ honest sentence on what the specialists added beyond distillation alone."""
 from __future__ import annotations
 
 from .format import seconds
+from .frontier import best_control_sentence
 
 
 def gain_sentence(result: dict) -> str:
@@ -69,7 +70,9 @@ def tree_lines(result: dict) -> list[str]:
     return lines
 
 
-def render_markdown(result: dict) -> str:
+def render_markdown(result: dict, frontier: dict | None = None) -> str:
+    """``student.md`` from ``student/metrics.json`` (``result``); ``frontier``: ``frontier.json``,
+    for the best control at no more than the ensemble's inference cost."""
     c = result["comparisons"]
     g = c["generalist"]["test_top1"]
     g_t = c["generalist"].get("seconds_per_example")
@@ -79,7 +82,7 @@ def render_markdown(result: dict) -> str:
              f"Inference time per example: median of {result['timing_repeats']} interleaved passes over {result['timing_examples']} test examples.", "",
              "| model | test top-1 | change vs generalist | inference time / example | x generalist |",
              "|---|---:|---:|---:|---:|"]
-    for key in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists"):
+    for key in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists", "cascade"):
         if key not in c:
             continue
         r = c[key]
@@ -87,7 +90,20 @@ def render_markdown(result: dict) -> str:
         rel = f"{t / g_t:.2f}x" if t and g_t else "-"
         lines.append(f"| {r['name']} | {r['test_top1']:.4f} | {r['test_top1'] - g:+.4f} | {seconds(t)} | {rel} |")
     agree = result.get("agreement_with_teacher")
-    lines += ["", gain_sentence(result), ""] + tree_lines(result)
+    lines += ["", gain_sentence(result), ""]
+    cascade = result.get("control", {}).get("cascade")
+    if cascade:
+        where = ("on every example (the ensemble costs as much as two generalists)" if cascade["threshold"] > 1 else
+                 f"where the first's top probability is below {cascade['threshold']:.4f}")
+        lines += [f"The cascade consults the second generalist {where}: on "
+                  f"{cascade['consulted_fraction']['test']:.1%} of the test examples "
+                  f"({cascade['consulted_fraction']['val']:.1%} of validation, fitted so that it costs what the routed "
+                  f"ensemble does: {cascade['target_flops']:.4g} FLOPs per example; {cascade['inference_flops']:.4g} "
+                  f"measured on test).", ""]
+    best = best_control_sentence(frontier)
+    if best:
+        lines += [best, ""]
+    lines += tree_lines(result)
     if agree is not None:
         lines += [f"The student agrees with its teacher's top-1 on {agree:.1%} of the test examples "
                   f"(with the routed ensemble on {result['agreement_with_ensemble']:.1%}).", ""]
@@ -117,7 +133,8 @@ def control_rows(result: dict) -> list[dict]:
     for key, note in (("student", f"one model distilled from the {result['teacher']} teacher ({t} per example)"),
                       ("hard_labels", "the same soft tree, same steps, trained on the labels alone"),
                       ("born_again", "same student, same steps, taught by the generalist alone"),
-                      ("two_generalists", "a second generalist (seed + 1) averaged with the first")):
+                      ("two_generalists", "a second generalist (seed + 1) averaged with the first"),
+                      ("cascade", "the second generalist only where the first is unsure, at the ensemble's FLOPs")):
         if key in c:
             rows.append({"name": c[key]["name"], "test_top1": c[key]["test_top1"], "note": note})
     return rows

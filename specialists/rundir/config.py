@@ -35,6 +35,7 @@ from ..data.user import python_entry
 from ..device import DEVICES
 from ..errors import ConfigError, one_line
 from ..models import TEXT_MODELS, check_model_name
+from ..models.branch import builtin_block_count, parse_branch
 
 # The config choices implemented above this layer: the student stage's teachers, the executors
 # of independent jobs (engine/executors.py).
@@ -128,6 +129,9 @@ class SubsetsConfig:
     min_size: int = 2
     max_size: Optional[int] = None
     leave_unwanted: bool = True  # classes no cluster keeps stay with the generalist
+    # partition mode: each class joins its `coverage` nearest centroids (overlapping subsets,
+    # every class in about that many); None = the partition (= 1). At most num_specialists.
+    coverage: Optional[int] = None
 
 
 @dataclass
@@ -142,6 +146,8 @@ class SpecialistsConfig(TrainConfig):
     soft_alpha: float = 0.5  # soft phases: alpha * soft + (1 - alpha) * hard
     subset_fraction: float = 0.5  # share of each batch drawn from the subset's classes
     dustbin_correction: str = "calibrated"  # calibrated | analytic | none
+    branch: str = "all"  # all (whole network) | k: a specialist owns the last k blocks + head, the trunk is shared
+    cache_trunk: Optional[bool] = None  # shared trunk: reuse its outputs per example (None: when not augmenting)
 
 
 @dataclass
@@ -166,6 +172,10 @@ class AblateConfig:
     order: str = "confusion"  # size | confusion | random
     seed: int = 0
     control: bool = True  # fine-tune the generalist for the specialists' extra steps
+    # the cascade control (computed by the student stage, which trains the second generalist it
+    # needs: student.controls with the ensemble teacher): the second generalist consulted only
+    # where the first is unsure, as many FLOPs per example as the routed ensemble
+    cascade: bool = True
 
 
 @dataclass
@@ -465,6 +475,12 @@ def validate(cfg) -> None:
         _check(s.classes_per_specialist is not None, "subsets.classes_per_specialist", "required when subsets.mode=nearest")
     _check(s.classes_per_specialist is None or s.classes_per_specialist >= 1,
            "subsets.classes_per_specialist", "must be >= 1")
+    _check(s.coverage is None or 1 <= s.coverage <= s.num_specialists, "subsets.coverage",
+           f"{s.coverage} is not in 1..{s.num_specialists} (subsets.num_specialists: a class joins each "
+           "cluster at most once)")
+    _check(s.coverage is None or s.mode == "partition", "subsets.coverage", "does not apply to subsets.mode=nearest "
+           "(there each centroid takes its classes_per_specialist nearest classes; coverage makes each class join "
+           "its nearest centroids: two different ways to overlap)")
     if d.name in ("synthetic", "synthetic_text"):  # the data sets whose class count is known without loading them
         check_class_counts(cfg, d.num_super * d.classes_per_super)
 
@@ -476,6 +492,15 @@ def validate(cfg) -> None:
     _check(0 <= sp.soft_alpha <= 1, "specialists.soft_alpha", "must be in [0, 1]")
     _check(0 < sp.subset_fraction < 1, "specialists.subset_fraction", "must be in (0, 1)")
     _choice(cfg, "specialists.dustbin_correction", DUSTBIN_CORRECTIONS)
+    try:
+        k = parse_branch(sp.branch)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'specialists.branch': {exc}") from None
+    _check(not (k is None and sp.cache_trunk), "specialists.cache_trunk",
+           "caches a shared trunk's outputs: it needs specialists.branch=k (not all)")
+    blocks = builtin_block_count(cfg.model)
+    _check(k is None or blocks is None or k <= blocks, "specialists.branch",
+           f"{k} blocks, but model '{cfg.model.name}' has {blocks} (0..{blocks}, or all)")
 
     _choice(cfg, "combine.solver", SOLVERS)
     _check(cfg.combine.top_n >= 1, "combine.top_n", "must be >= 1")
@@ -537,6 +562,11 @@ def check_class_counts(cfg, num_classes: int) -> None:
     _check(s.classes_per_specialist is None or s.classes_per_specialist <= num_classes,
            "subsets.classes_per_specialist", f"{s.classes_per_specialist} is larger than the {num_classes} "
            "classes of the data set")
+    # k-means makes min(M, C) clusters (M <= C is checked above, so this only restates it for
+    # whoever loosens that rule): a class joins each cluster at most once.
+    clusters = min(s.num_specialists, num_classes)
+    _check(s.coverage is None or s.coverage <= clusters, "subsets.coverage",
+           f"{s.coverage} is more than the {clusters} clusters k-means makes here")
 
 
 def student_model_config(cfg: Config) -> DictConfig:

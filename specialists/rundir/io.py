@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as _st_load
 from safetensors.torch import save as _st_save
 
@@ -254,6 +255,18 @@ def save_weights(path, model: torch.nn.Module, metadata: dict | None = None) -> 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {k: json.dumps(v, default=_jsonable, sort_keys=True) for k, v in (metadata or {}).items()}
     return write_bytes(path, _canonical_safetensors(_st_save(tensors, metadata=meta)))
+
+
+def weights_metadata(path) -> dict:
+    """The metadata a safetensors file was saved with (:func:`save_weights`), JSON-decoded."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return {k: json.loads(v) for k, v in meta.items()}
+    except FileNotFoundError:
+        raise SpecialistsError(f"missing weights: {path}") from None
+    except Exception as exc:
+        raise SpecialistsError(f"{path}: unreadable weights ({one_line(exc)})") from None
 
 
 def load_weights(path, model: torch.nn.Module) -> torch.nn.Module:

@@ -6,10 +6,14 @@ Layout::
     RUN_DIR/generalist/       model.safetensors, state.pt, metrics.json, curves.png
     RUN_DIR/subsets/          probs.npy, covariance.npy, subsets.json, metrics.json, covariance.png
     RUN_DIR/specialists/NNN/  model.safetensors, state.pt, metrics.json
-    RUN_DIR/evaluation/       evaluation.json, evaluation.md, by_coverage.png, specialists.png
+    RUN_DIR/evaluation/       evaluation.json, evaluation.md, by_coverage.png, specialists.png,
+                              test_labels.npy, generalist_predictions.npy, ensemble_predictions.npy,
+                              frontier.json, frontier.png (a report, re-rendered by ablate and distill)
     RUN_DIR/ablation/         ablation.json, ablation.md, ablation.png, control/, recluster/MNNN/
     RUN_DIR/student/          model.safetensors, state.pt, history.json, metrics.json, student.md,
-                              born_again/, second_generalist/
+                              born_again/, second_generalist/, two_generalists_predictions.npy,
+                              cascade_predictions.npy
+    (every model folder above also holds test_predictions.npy: its test argmax class ids)
 
 No other module spells a file name of the run directory: they ask a :class:`Run` (or a
 :class:`ModelFiles` it hands out). Paths inside the run directory are relative, so it can be
@@ -29,8 +33,9 @@ from ..data import TEXT_LAYOUT, Dataset, build_dataset
 from ..device import resolve_device
 from ..errors import SpecialistsError, one_line
 from ..models import Classifier, build_model, declared_preprocessing
+from ..models.branch import parse_branch, split, tail_classifier
 from .config import Config, check_class_counts, config_from_yaml_text, to_yaml
-from .io import load_weights, read_json, save_weights, write_json, write_text
+from .io import file_sha256, load_weights, read_json, save_weights, weights_metadata, write_json, write_text
 from .locks import FileLock
 from .manifest import Manifest
 
@@ -64,6 +69,10 @@ class ModelFiles:
     @property
     def curves(self) -> Path:  # training curves plot
         return self.dir / "curves.png"
+
+    @property
+    def predictions(self) -> Path:  # (N,) int64: its argmax class per test example, for paired intervals
+        return self.dir / "test_predictions.npy"
 
 
 class Run:
@@ -220,6 +229,37 @@ class Run:
     def evaluation_plots(self) -> tuple[Path, Path]:  # Table 4 by coverage, per specialist
         return self.dir / EVALUATION / "by_coverage.png", self.dir / EVALUATION / "specialists.png"
 
+    @property
+    def test_labels_npy(self) -> Path:  # (N,) int64: the test labels, so reports pair predictions without the data
+        return self.dir / EVALUATION / "test_labels.npy"
+
+    @property
+    def frontier_json(self) -> Path:  # every model's accuracy and cost, the Pareto front (a report)
+        return self.dir / EVALUATION / "frontier.json"
+
+    @property
+    def frontier_png(self) -> Path:
+        return self.dir / EVALUATION / "frontier.png"
+
+    @property
+    def report_json_files(self) -> tuple[Path, ...]:  # JSON written by reports: views, listed but not verified
+        return (self.frontier_json,)
+
+    def predictions(self, model: str) -> Path:
+        """The test predictions (``(N,) int64`` argmax class ids, written where the model is
+        evaluated) of ``model``: ``generalist``, ``ensemble`` (evaluation/), ``longer_generalist``
+        (ablation/control/), ``student``, ``born_again``, ``hard_labels``, ``second_generalist``,
+        ``two_generalists``, ``cascade`` (student/)."""
+        folders = {"longer_generalist": self.control, "student": self.student, "born_again": self.born_again,
+                   "hard_labels": self.hard_labels, "second_generalist": self.second_generalist}
+        if model in folders:
+            return folders[model].predictions
+        if model in ("generalist", "ensemble"):
+            return self.dir / EVALUATION / f"{model}_predictions.npy"
+        if model in ("two_generalists", "cascade"):
+            return self.dir / STUDENT / f"{model}_predictions.npy"
+        raise SpecialistsError(f"no test predictions are kept for a model called {model!r}")
+
     # --- ablation/ -----------------------------------------------------------------------
     @property
     def ablation_json(self) -> Path:
@@ -291,6 +331,56 @@ class Run:
         if not self.generalist.weights.exists():
             raise SpecialistsError(f"no trained generalist in {self.dir}: run `specialists train-generalist CONFIG` first")
         return self.load_model(self.generalist)
+
+    # --- shared-trunk specialists (specialists.branch) -------------------------------------
+    @property
+    def branch(self) -> int | None:
+        """``specialists.branch``: None for whole-network specialists, else the blocks they own."""
+        return parse_branch(self.cfg.specialists.branch)
+
+    def example_input(self, n: int = 2) -> torch.Tensor:
+        """A seeded batch of ``n`` inputs of the run's shape (normalized images or vectors, or
+        token ids), on the device: what a model split is checked on."""
+        info = self.data_info()
+        g = torch.Generator().manual_seed(0)
+        shape = (n, *info["input_shape"])
+        if info.get("vocab_size"):
+            x = torch.randint(1, int(info["vocab_size"]), shape, generator=g)
+            x[0, shape[1] // 2:] = 0  # one padded row: the mask travels through the split
+        else:
+            x = torch.randn(shape, generator=g)
+        return x.to(self.device)
+
+    def split_generalist(self, generalist: Classifier):
+        """``(trunk, part)``: the generalist's shared trunk and the rest of it (its tail and
+        head, a classifier of trunk outputs), split at ``specialists.branch``; a model that
+        cannot be split there is one line."""
+        trunk, tail = split(generalist, self.branch, self.example_input(), str(self.cfg.model.name))
+        return trunk.eval(), tail_classifier(generalist, tail)
+
+    def generalist_sha256(self) -> str:
+        return file_sha256(self.generalist.weights)
+
+    def load_specialist(self, sid: int, num_classes: int) -> Classifier:
+        """Specialist ``sid`` (``num_classes`` = |S| + 1) on the device, in eval mode: a whole
+        network, or with ``specialists.branch`` its tail and head (a classifier of the shared
+        trunk's outputs), refused in one line when it was branched from another generalist."""
+        files = self.specialist(sid)
+        if self.branch is None:
+            return self.load_model(files, num_classes)
+        path = self.checked(files.weights)
+        meta = weights_metadata(path)
+        want, have = meta.get("generalist_sha256"), self.generalist_sha256()
+        if want != have:
+            raise SpecialistsError(f"{path}: this shared-trunk specialist was branched from generalist "
+                                   f"{str(want)[:12]}, but {self.generalist.weights} is {have[:12]}: retrain the "
+                                   "specialists (`specialists train-specialists CONFIG --force`)")
+        if meta.get("branch") != self.branch:
+            raise SpecialistsError(f"{path}: this specialist owns {meta.get('branch', 'all')} blocks, but the config "
+                                   f"says specialists.branch={self.branch}")
+        fresh = self.new_model(num_classes)
+        part = tail_classifier(fresh, split(fresh, self.branch)[1])
+        return load_weights(path, part).to(self.device).eval()
 
     def save_model(self, path: Path, net: torch.nn.Module, **metadata) -> None:
         save_weights(path, net, metadata)

@@ -10,10 +10,11 @@ line (:mod:`specialists.cli`) are built from this table; adding a stage is a mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 from ..reports import render
+from ..rundir.config import AblateConfig
 from ..rundir.run import ABLATION, EVALUATION, GENERALIST, SPECIALISTS, STUDENT, SUBSETS
 from . import ablate, evaluate, generalist, specialists, student, subsets
 
@@ -34,6 +35,11 @@ class Stage:
     enabled: str | None = None  # a boolean config key; ``specialists run`` skips the stage when false
 
 
+# ``ablate.cascade`` is the student stage's (it trains the second generalist the cascade needs):
+# the ablate stage depends on every other ``ablate`` key, so toggling the cascade redoes no ablation
+ABLATE_KEYS = tuple(f"ablate.{f.name}" for f in fields(AblateConfig) if f.name != "cascade")
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("generalist", "train-generalist", GENERALIST, None, ("seed", "data", "model", "generalist"),
           generalist.train, (render.curves,), "train the C-way generalist"),
@@ -42,15 +48,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("specialists", "train-specialists", SPECIALISTS, "subsets",
           ("specialists", "distill.temperature", "distill.loss"),
           specialists.train, (), "train one specialist per subset", options=("only",), jobs=True),
+    # render.frontier first: the reports after it name the best control it finds
     Stage("evaluate", "evaluate", EVALUATION, "specialists", ("combine", "evaluate"),
-          evaluate.evaluate, (render.evaluation_plots, render.evaluation_report),
+          evaluate.evaluate, (render.evaluation_plots, render.frontier, render.evaluation_report),
           "generalist vs routed ensemble on the test split"),
-    Stage("ablate", "ablate", ABLATION, "evaluate", ("ablate",),
-          ablate.ablate, (render.ablation_plot, render.ablation_report, render.evaluation_report),
+    Stage("ablate", "ablate", ABLATION, "evaluate", ABLATE_KEYS,
+          ablate.ablate, (render.ablation_plot, render.frontier, render.ablation_report, render.evaluation_report),
           "the ablation over the number of specialists, and the compute-matched control", subrun=True),
-    Stage("student", "distill", STUDENT, "evaluate", ("student", "distill"),
-          student.distill, (render.student_report, render.tree_plots, render.evaluation_report, render.ablation_report),
-          "distil the ensemble into one student, beside the born-again control", enabled="student.enabled"),
+    Stage("student", "distill", STUDENT, "evaluate", ("student", "distill", "ablate.cascade"),
+          student.distill, (render.frontier, render.student_report, render.tree_plots, render.evaluation_report,
+                            render.ablation_report),
+          "distil the ensemble into one student, beside the born-again control and the cascade",
+          enabled="student.enabled"),
 )
 
 BY_KEY = {s.key: s for s in STAGES}

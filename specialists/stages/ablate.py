@@ -10,9 +10,11 @@ Three parts, one ``RUN_DIR/ablation/ablation.json``:
   and evaluate again with M specialists in the sub-run ``ablation/recluster/MNNN/`` (a run
   directory of its own that shares the generalist): the full cost of each M. Each sub-run is
   an independent job.
-- **compute-matched control**: the generalist fine-tuned for as many extra training samples as
-  all specialists consumed, at the specialists' learning rate: do specialists beat simply
-  training longer?
+- **compute-matched control**: the generalist fine-tuned for as much extra training compute as
+  all specialists consumed (their samples weighted by their FLOPs per sample, in generalist
+  examples: a shared-trunk specialist's sample costs less), at the specialists' learning rate:
+  do specialists beat simply training longer? Its ``metrics.json`` also holds its cost (inference FLOPs per example, its
+  training compute in generalist-example equivalents) and its folder its test predictions.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import copy
 import logging
 from typing import Callable, Sequence
 
+import numpy as np
 from omegaconf import OmegaConf
 
+from ..core import metrics
 from ..core.scoring import ablation_counts, score, specialist_order
 from ..engine.executors import Job, as_run, run_jobs
-from ..engine.trainers import split_metrics, train_classifier, train_once
+from ..engine.flops import generalist_train_flops, model_inference_flops, train_compute
+from ..engine.trainers import split_probs, train_classifier, train_once
 from ..inference import SpecialistEnsemble
 from ..rundir import Run
-from ..rundir.io import read_json, write_json
+from ..rundir.io import read_json, write_json, write_npy
 
 log = logging.getLogger("specialists")
 
@@ -67,7 +72,8 @@ def subset_ablation(run: Run) -> dict:
 
 
 def recluster_configs(run: Run) -> list:
-    """The sub-run config of each M in ``ablate.counts`` (counts above the class count skipped)."""
+    """The sub-run config of each M in ``ablate.counts`` (counts above the class count skipped;
+    ``subsets.coverage`` lowered to M where it is above)."""
     C = run.data.num_classes
     out = []
     for m in run.cfg.ablate.counts:
@@ -79,6 +85,8 @@ def recluster_configs(run: Run) -> list:
         cfg.subsets.num_specialists = m
         if cfg.subsets.mode == "nearest" and cfg.subsets.classes_per_specialist:
             cfg.subsets.classes_per_specialist = min(cfg.subsets.classes_per_specialist, C)
+        if cfg.subsets.coverage is not None:  # a class joins each of the m clusters at most once
+            cfg.subsets.coverage = min(cfg.subsets.coverage, m)
         out.append(cfg)
     return out
 
@@ -104,9 +112,22 @@ def control_job(run, extra_samples: int) -> dict:
     return compute_matched_control(as_run(run), extra_samples)
 
 
-def compute_matched_control(run: Run, extra_samples: int) -> dict:
-    """Fine-tune the generalist for ``extra_samples`` training samples (rounded to whole
-    epochs, at least one) at the specialists' learning rate and schedule."""
+def specialists_train_compute(run: Run) -> float:
+    """The specialists' training compute in generalist-example equivalents: their training
+    samples weighted by their FLOPs per sample over the generalist's (a shared-trunk specialist's
+    sample costs its tail; a whole network's about one generalist example)."""
+    unit = generalist_train_flops(run)
+    total = 0.0
+    for path in run.specialist_metrics_files:
+        m = read_json(path)
+        total += train_compute(m["train_samples"], m.get("train_flops_per_sample") or unit, unit)
+    return total
+
+
+def compute_matched_control(run: Run, extra_samples: float) -> dict:
+    """Fine-tune the generalist for ``extra_samples`` training samples (the specialists' training
+    compute in generalist examples, rounded to whole epochs, at least one) at the specialists'
+    learning rate and schedule."""
     files = run.control
     files.dir.mkdir(parents=True, exist_ok=True)
     n = len(run.data.train)
@@ -118,9 +139,13 @@ def compute_matched_control(run: Run, extra_samples: int) -> dict:
                                                   desc="control (generalist trained longer)", eval_splits=(),
                                                   epoch_offset=run.cfg.generalist.epochs),
                          lambda: run.save_model(files.weights, model))
-    m = split_metrics(run, model, ("test",), run.cfg.generalist.eval_batch_size)
-    result = {"epochs": epochs, "train_samples": epochs * n, "specialist_samples": int(extra_samples),
-              "lr": tcfg.lr, "test_top1": m["test_top1"], "test_top5": m["test_top5"], "test_nll": m["test_nll"],
+    p, y = split_probs(run, model, "test", run.cfg.generalist.eval_batch_size), run.data.test.y
+    write_npy(files.predictions, p.argmax(1).numpy().astype(np.int64))
+    unit = generalist_train_flops(run)  # the generalist's network: its FLOPs per training sample are the unit
+    result = {"epochs": epochs, "train_samples": epochs * n, "specialist_samples": round(extra_samples),
+              "lr": tcfg.lr, "test_top1": metrics.accuracy(p, y), "test_top5": metrics.accuracy(p, y, 5),
+              "test_nll": metrics.nll(p, y), "inference_flops": model_inference_flops(run, model),
+              "train_flops_per_sample": unit, "train_compute": train_compute(epochs * n, unit, unit),
               "history": history}
     write_json(files.metrics, result)
     return result
@@ -134,7 +159,7 @@ def ablate(run: Run, subrun: SubRun) -> dict:
     configs = recluster_configs(run)
     jobs = [subrun(cfg, RECLUSTER_STAGES) for cfg in configs]
     if run.cfg.ablate.control:
-        extra = result["subset_ablation"]["rows"][-1]["train_samples"]
+        extra = specialists_train_compute(run)
         jobs.append(Job("control (generalist trained longer)", control_job, (run, extra)))
     done = run_jobs(jobs, run.cfg.launch)
     result["recluster"] = [recluster_row(run, Run(cfg, str(run.device))) for cfg in configs]

@@ -5,47 +5,118 @@ comparison (top-1/top-5/NLL/ECE, conditional accuracy, Hinton's Table 4, McNemar
 paired bootstrap, routing statistics), a row per specialist, the same ensemble with ``all``
 routing, and inference time per example of the generalist, the routed and the ``all``-routed
 ensemble. Accuracies are unrounded fractions in [0, 1]; times are seconds.
+
+``cost`` holds what the models cost, counted rather than timed (:mod:`specialists.core.cost`):
+FLOPs per example of the generalist, the routed ensemble and ``all`` routing on the timing
+sample, as they actually run (a routed specialist is charged only for its rows); the ratios
+to the generalist of those FLOPs and of the measured times; and ``train_compute``, training
+compute in generalist-example equivalents (FLOPs / the generalist's FLOPs for one training
+example). Each ``per_specialist`` row adds its FLOPs per example it runs on
+(``flops_per_example``), the fraction of test examples routed to it (``routed_fraction``) and
+its ``train_compute``, so the ensemble with any subset of specialists can be costed
+(:func:`~specialists.core.cost.routed_flops`). Also written: the test labels and the
+generalist's and the ensemble's test predictions (argmax class ids, ``.npy``), so reports
+compute paired intervals against any later model without the models.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from ..core import metrics
+from ..core.cost import routed_flops
 from ..core.scoring import score
+from ..engine.flops import FLOPS_BATCH, generalist_train_flops, inference_flops, train_compute
 from ..engine.timing import REPEATS, seconds_per_example, timing_rows
 from ..inference import SingleModel, SpecialistEnsemble
 from ..reports.format import ci
 from ..rundir import Run
-from ..rundir.io import read_json, write_json
+from ..rundir.io import read_json, write_json, write_npy
 
 log = logging.getLogger("specialists")
 
 
-def _specialist_rows(run: Run, ens: SpecialistEnsemble, per_position: list[dict]) -> list[dict]:
+def _specialist_rows(run: Run, ens: SpecialistEnsemble, per_position: list[dict], n: int, flops: list[float],
+                     unit: float) -> list[dict]:
+    """A row per specialist: its subset, its routed test examples and their accuracy, its
+    subset accuracy (its ``metrics.json``), and its cost: FLOPs per example it runs on
+    (``flops``), the share of test examples routed to it, its training samples and compute
+    (its ``train_flops_per_sample`` when recorded, else the generalist's: a whole-network
+    specialist costs what the generalist does per sample)."""
     rows = []
     for m, r in enumerate(per_position):
         sid = ens.ids[m]
         sm = read_json(run.specialist(sid).metrics)
         classes = ens.subsets[m].tolist()
+        per_sample = sm.get("train_flops_per_sample") or unit
         rows.append({"id": sid, "size": len(classes), "classes": classes,
                      "names": [ens.class_names[c] for c in classes],
                      **{k: v for k, v in r.items() if k != "position"},
                      "subset_top1": sm.get("subset_top1"),
                      "generalist_subset_top1": sm.get("generalist_subset_top1"),
-                     "test_examples_in_subset": sm.get("test_examples_in_subset")})
+                     "test_examples_in_subset": sm.get("test_examples_in_subset"),
+                     "flops_per_example": flops[m], "routed_fraction": r["routed"] / n if n else None,
+                     "train_samples": sm.get("train_samples"), "train_flops_per_sample": per_sample,
+                     "train_compute": train_compute(sm.get("train_samples") or 0, per_sample, unit)})
     return rows
 
 
-def timing(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble) -> dict:
+def specialist_flops(ens: SpecialistEnsemble, x: torch.Tensor) -> list[float]:
+    """Each specialist's FLOPs per example it runs on: the ensemble with it alone and every
+    example routed to it, minus the ensemble with no specialist (so whatever it shares with
+    the generalist is not counted twice), on the first rows of ``x``."""
+    rows = x[:FLOPS_BATCH]
+    base = inference_flops(ens.select([]).proba, rows)
+    return [inference_flops(ens.select([m]).with_routing("all").proba, rows) - base for m in range(len(ens.specialists))]
+
+
+def cost(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, x: torch.Tensor, timing: dict,
+         rows: list[dict], unit: float) -> dict:
+    """``evaluation.json``'s ``cost``: FLOPs per example on the timing sample ``x`` of the
+    generalist, the routed ensemble and ``all`` routing (each in chunks of the batch size, as
+    timed), their ratios, the ratio of the measured times, and the training compute of the
+    generalist and of the ensemble in generalist-example equivalents (``rows``: the
+    ``per_specialist`` rows)."""
+    bs = ens.batch_size
+    f_g = inference_flops(SingleModel(ens.generalist, ens.info, ens.device, batch_size=bs).proba, x, bs)
+    f_r, f_a = inference_flops(ens.proba, x, bs), inference_flops(ens_all.proba, x, bs)
+    gen = read_json(run.generalist.metrics)
+    g_compute = float(gen.get("train_compute") or gen.get("train_samples") or 0)
+    s_compute = [r["train_compute"] for r in rows]
+    specialists = float(sum(s_compute)) if None not in s_compute else None
+    return {
+        "unit": "FLOPs per example (a multiply-add counts 2; torch.utils.flop_counter)",
+        "examples": int(len(x)),
+        "generalist_flops": f_g, "ensemble_flops": f_r, "all_flops": f_a,
+        "flops_ratio": f_r / f_g if f_g else None, "all_flops_ratio": f_a / f_g if f_g else None,
+        "time_ratio": timing.get("routed_over_generalist"), "all_time_ratio": timing.get("all_over_generalist"),
+        # the same ensemble costed from its parts over the whole test split (the subset ablation's formula)
+        "ensemble_flops_test": routed_flops(f_g, [r["flops_per_example"] for r in rows],
+                                            [r["routed_fraction"] or 0.0 for r in rows]),
+        "generalist_train_flops_per_example": unit,
+        "train_compute": {"unit": "generalist training examples (training FLOPs / generalist_train_flops_per_example)",
+                          "generalist": g_compute, "specialists": specialists,
+                          "ensemble": g_compute + specialists if specialists is not None else None},
+    }
+
+
+def _timing_sample(run: Run, ens: SpecialistEnsemble) -> torch.Tensor:
+    """A seeded sample of ``evaluate.timing_batches`` batches of the test split, prepared once."""
+    test = run.data.test
+    rows = timing_rows(len(test), ens.batch_size * run.cfg.evaluate.timing_batches)
+    return run.data.batcher(test, run.device).batch(rows)[0]
+
+
+def timing(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, x: torch.Tensor | None = None) -> dict:
     """Seconds per example of the generalist alone, the routed ensemble and ``all`` routing on
     a seeded sample of ``evaluate.timing_batches`` batches of the test split (preprocessed
-    once, so only the models and the combination are timed), and the ratios the paper's cost
-    argument is about."""
-    test, bs = run.data.test, ens.batch_size
-    x = run.data.batcher(test, run.device).batch(timing_rows(len(test), bs * run.cfg.evaluate.timing_batches))[0]
+    once, so only the models and the combination are timed; ``x``: that sample, if already
+    prepared), and the ratios the paper's cost argument is about."""
+    bs = ens.batch_size
+    x = _timing_sample(run, ens) if x is None else x
     gen = SingleModel(ens.generalist, ens.info, ens.device, batch_size=bs)
     t = seconds_per_example({"generalist": gen.proba, "routed": ens.proba, "all": ens_all.proba}, x, bs, REPEATS)
     t_g, t_r, t_a = t["generalist"], t["routed"], t["all"]
@@ -71,7 +142,10 @@ def evaluate(run: Run) -> dict:
     ev = {"split": "test", **ev,
           "combine": {"solver": ens.solver, "top_n": ens.top_n, "routing": ens.routing,
                       "max_iter": ens.max_iter, "tol": ens.tol}}
-    ev["per_specialist"] = _specialist_rows(run, ens, ev.pop("per_specialist", []))
+    x_time = _timing_sample(run, ens)
+    unit = generalist_train_flops(run, ens.generalist)
+    ev["per_specialist"] = _specialist_rows(run, ens, ev.pop("per_specialist", []), len(y),
+                                            specialist_flops(ens, x_time), unit)
 
     ens_all = ens.with_routing("all")  # every specialist on every example
     q_all = ens_all.predict_over(x for x, _ in batcher.iterate(ens.batch_size))["ensemble"].cpu()
@@ -79,8 +153,13 @@ def evaluate(run: Run) -> dict:
     ev["all_routing"] = {"top1": all_top1, "top5": metrics.accuracy(q_all, y, 5), "nll": metrics.nll(q_all, y),
                          "change_vs_generalist": all_top1 - ev["generalist"]["top1"],
                          "change_vs_routed": all_top1 - ev["ensemble"]["top1"]}
-    ev["timing"] = timing(run, ens, ens_all)
+    ev["timing"] = timing(run, ens, ens_all, x_time)
+    ev["cost"] = cost(run, ens, ens_all, x_time, ev["timing"], ev["per_specialist"], unit)
     ev["plots"] = [run.rel(p) for p in run.evaluation_plots]
+    # what later reports pair every other model's test predictions with
+    write_npy(run.test_labels_npy, y.numpy().astype(np.int64))
+    for key in ("generalist", "ensemble"):
+        write_npy(run.predictions(key), res[key].argmax(1).cpu().numpy().astype(np.int64))
     write_json(run.evaluation_json, ev)
     log.info("evaluate: generalist top-1 %.4f -> ensemble %.4f (%+.4f, 95%% CI %s, McNemar p=%.3g)",
              ev["generalist"]["top1"], ev["ensemble"]["top1"], ev["change"]["top1_abs"],

@@ -5,7 +5,9 @@ It starts from the architecture's initialization, from a pretrained backbone
 the user already trained (``generalist.init``; with ``generalist.epochs=0`` it is only
 evaluated). Writes ``RUN_DIR/generalist/``: ``model.safetensors``, ``state.pt`` (resume) and
 ``metrics.json`` (val/test top-1, top-5, NLL, per-epoch history, the training samples the
-compute-matched control is sized by, what was loaded from which file).
+compute-matched control is sized by, what was loaded from which file, and the FLOPs of one
+training example, ``train_flops_per_sample``: the unit every model's ``train_compute`` is
+counted in, so the generalist's own ``train_compute`` is its training samples).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 
 import torch
 
+from ..engine.flops import training_flops
 from ..engine.trainers import initial_weights, split_metrics, train_classifier
 from ..rundir import Run, to_dict
 from ..rundir.io import write_json
@@ -37,6 +40,9 @@ def train(run: Run) -> dict:
         "epochs": cfg.generalist.epochs,
         "train_examples": n_train,
         "train_samples": n_train * cfg.generalist.epochs,  # for compute-matched controls
+        # FLOPs of one training example (forward, loss, backward): the unit of train_compute
+        "train_flops_per_sample": training_flops(run, model),
+        "train_compute": float(n_train * cfg.generalist.epochs),  # generalist-example equivalents
         "steps": sum(h["steps"] for h in history),
         "seconds": sum(h["seconds"] for h in history),
         "history": history,

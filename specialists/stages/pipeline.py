@@ -32,11 +32,12 @@ from omegaconf import OmegaConf
 
 from ..engine.executors import Job, as_run
 from ..errors import SpecialistsError
-from ..rundir import Run, config_from_yaml_text, config_values, to_yaml
+from ..rundir import Config, Run, config_from_yaml_text, config_values, to_yaml
 from ..rundir.io import clean_stale_temp_files, copy_file
 from . import BY_KEY, STAGES, depends, downstream, upstream_chain
 
 log = logging.getLogger("specialists")
+_DEFAULTS = OmegaConf.structured(Config)  # every key at its default
 
 REPORT_SUFFIXES = (".md", ".png")  # views re-rendered from the artifacts: listed, not verified
 UNVERIFIED_NAMES = ("state.pt", "manifest.lock")  # resume state (carries its own checksum), locks
@@ -53,6 +54,9 @@ def guard(run: Run, cfg, force: bool = False) -> None:
         if not rec:
             continue
         now, then = config_values(cfg, depends(stage.key)), rec.get("inputs", {})
+        # a key the record lacks was added to the config after the stage ran: it ran as the key's
+        # default does (new keys default to the old behaviour), so only another value changes it
+        then = {**config_values(_DEFAULTS, [k for k in now if k not in then]), **then}
         changed = [k for k in sorted(set(now) | set(then)) if now.get(k, "<unset>") != then.get(k, "<unset>")]
         if not changed:
             continue
@@ -110,8 +114,9 @@ def _artifacts(run: Run, key: str) -> tuple[list[Path], list[Path]]:
     folder = run.dir / BY_KEY[key].folder
     files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
     files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(run.dir).parts)]
-    reports = [p for p in files if p.suffix in REPORT_SUFFIXES]
-    verified = [p for p in files if p.suffix not in REPORT_SUFFIXES and p.name not in UNVERIFIED_NAMES]
+    # a report's JSON (frontier.json) is a view too: later stages re-render it into this folder
+    reports = [p for p in files if p.suffix in REPORT_SUFFIXES or p in run.report_json_files]
+    verified = [p for p in files if p not in reports and p.name not in UNVERIFIED_NAMES]
     return verified, reports
 
 

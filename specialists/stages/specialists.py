@@ -17,14 +17,19 @@ import logging
 
 import torch
 
+from ..core.cost import training_flops_per_example
 from ..core.heads import add_dustbin_shift, analytic_shift, fit_dustbin_shift, local_labels, make_specialist
+from ..core.losses import hard_loss
 from ..data import MixedBatches, seeded_batches
 from ..device import prepare_model
 from ..engine.executors import Job, as_run, run_jobs
 from ..engine.fit import fit, predict_logits
+from ..engine.flops import FLOPS_BATCH, inference_flops
 from ..engine.steps import SpecialistPhases
+from ..engine.trunk import CHUNK, TrunkCache
 from ..errors import SpecialistsError
 from ..models import Classifier
+from ..models.branch import Branched, tail_input
 from ..rundir import Run
 from ..rundir.io import write_json
 
@@ -45,8 +50,25 @@ def _features(model: Classifier, batcher, n: int, chunk: int | None = None) -> t
                           for s in range(0, n, chunk)])
 
 
-def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> dict:
-    """Train specialist ``sid`` on ``subset``; writes ``specialists/NNN/``. Resumable."""
+def _cached(run: Run) -> bool:
+    """Whether a shared-trunk specialist trains on the trunk's outputs computed once per example:
+    ``specialists.cache_trunk``, by default when its batches are not augmented."""
+    ds, want = run.data, run.cfg.specialists.cache_trunk
+    return bool(want) if want is not None else not (ds.is_image and ds.augment != "none")
+
+
+def _local_loss(subset: torch.Tensor, num_classes: int, y: torch.Tensor):
+    y_local = local_labels(y, subset, num_classes)
+    return lambda m, x: hard_loss(tail_input(m, x), y_local)
+
+
+def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier, shared=None) -> dict:
+    """Train specialist ``sid`` on ``subset``; writes ``specialists/NNN/``. Resumable.
+
+    With ``specialists.branch=k`` the specialist is the generalist's last k blocks and a new
+    head on top of the generalist's frozen trunk (``shared``: ``(trunk, generalist part)`` from
+    :meth:`Run.split_generalist`, made once per process); only its tail and head train and are
+    saved, with the sha256 of the generalist they were branched from."""
     cfg, ds, device = run.cfg, run.data, run.device
     scfg = cfg.specialists
     files = run.specialist(sid)
@@ -56,14 +78,28 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> 
     train = ds.batcher(ds.train, device)
     mix = MixedBatches(ds.train.y, S, C, scfg.batch_size, scfg.subset_fraction)
     feats = _features(generalist, train, FEATURE_EXAMPLES, STREAM_CHUNK if ds.storage == "stream" else None)
-    spec = make_specialist(generalist, S.to(device), feats)
-    spec = prepare_model(spec, device, ds.is_image)
     seed = cfg.seed * 1000 + 17 + sid
-    step = SpecialistPhases(generalist, S.to(device), C, scfg, mix.steps, cfg.distill.temperature, cfg.distill.loss)
-    history = fit(spec, scfg, device=device, state_path=files.state, batches=seeded_batches(train, mix, seed=seed),
+    branch, cached = run.branch, False
+    if branch is None:  # the whole network
+        spec = prepare_model(make_specialist(generalist, S.to(device), feats), device, ds.is_image)
+        model, teacher, source = spec, generalist, train
+    else:  # the generalist's tail and a new head, on its frozen trunk
+        trunk, part = shared if shared is not None else run.split_generalist(generalist)
+        spec = make_specialist(part, S.to(device), feats).to(device)
+        cached = _cached(run)
+        if cached:  # the trunk once per example: an epoch costs the tail and head alone
+            source = TrunkCache(trunk, train, STREAM_CHUNK if ds.storage == "stream" else CHUNK)
+            model, teacher = spec, part
+        else:
+            model, teacher, source = Branched(trunk, spec), generalist, train
+    step = SpecialistPhases(teacher, S.to(device), C, scfg, mix.steps, cfg.distill.temperature, cfg.distill.loss)
+    history = fit(model, scfg, device=device, state_path=files.state, batches=seeded_batches(source, mix, seed=seed),
                   steps_per_epoch=mix.steps, step=step, seed=seed, desc=f"specialist {sid:03d} (|S|={len(S)})",
                   sync_bn=cfg.train.sync_bn)
-
+    samples = len(history) * mix.samples_per_epoch
+    flops = _train_flops(run, model, source, S, samples)
+    if branch is not None:
+        spec = Branched(trunk, spec)  # evaluated on inputs from here on
     # --- dustbin correction (undo the oversampling of S) --------------------------------
     f = len(mix.pos) / len(ds.train)
     s = mix.n_pos / (mix.n_pos + mix.n_neg) if mix.n_neg else f
@@ -83,15 +119,40 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier) -> 
         "hard_steps": sum(h.get("hard_steps", 0) for h in history),
         "soft_steps": sum(h.get("soft_steps", 0) for h in history),
         "steps": sum(h["steps"] for h in history),
-        "train_samples": len(history) * mix.samples_per_epoch,  # consumed samples, for the compute-matched control
+        "train_samples": samples,  # consumed samples; times train_flops_per_sample: the compute-matched control
+        "branch": scfg.branch, "cached_trunk": cached,
+        # FLOPs of one training sample (forward, loss, backward; a cached trunk's one pass over
+        # the split spread over the samples): with train_samples, this specialist's training compute
+        "train_flops_per_sample": flops,
         "seconds": sum(h["seconds"] for h in history),
         **metrics, "history": history,
     }
-    run.save_model(files.weights, spec, classes=S.tolist())
+    if branch is None:
+        run.save_model(files.weights, spec, classes=S.tolist())
+    else:  # its own tensors only: the tail and head
+        run.save_model(files.weights, spec.part, classes=S.tolist(), branch=branch,
+                       generalist_sha256=run.generalist_sha256())
     write_json(files.metrics, result)  # written last: the completion marker
     log.info("specialist %03d: subset test top-1 %.4f (generalist %.4f), dustbin shift %+.3f",
              sid, metrics["subset_top1"], metrics["generalist_subset_top1"], shift)
     return result
+
+
+def _train_flops(run: Run, model, source, S: torch.Tensor, samples: int) -> float:
+    """FLOPs per training sample of ``model`` on its batches (``source``: inputs, or a trunk
+    cache whose one pass over the split is spread over the ``samples`` trained on)."""
+    idx = torch.arange(min(FLOPS_BATCH, source.n))
+    x, y = source.batch(idx)[:2]
+    was = model.training
+    model.eval()
+    try:
+        per = training_flops_per_example(model, x, _local_loss(S.to(y.device), run.data.num_classes, y))
+    finally:
+        model.train(was)
+    if isinstance(source, TrunkCache):
+        x0 = run.data.batcher(run.data.train, run.device).batch(idx)[0]
+        per += inference_flops(source.trunk, x0) * source.n / max(1, samples)
+    return per
 
 
 @torch.inference_mode()
@@ -125,7 +186,7 @@ def _trained(run: Run, sid: int) -> bool:
     return files.metrics.exists() and files.weights.exists()
 
 
-def specialist_job(run, sid: int, classes: list[int], blocking: bool = True, generalist=None) -> bool:
+def specialist_job(run, sid: int, classes: list[int], blocking: bool = True, generalist=None, shared=None) -> bool:
     """One specialist as an independent job (here, or as a Ray task): trained under its own
     lock unless it is trained already. False when ``blocking`` is off and another process holds
     it."""
@@ -138,7 +199,7 @@ def specialist_job(run, sid: int, classes: list[int], blocking: bool = True, gen
         if _trained(run, sid):
             log.info("specialist %03d: already trained, skipping", sid)
         else:
-            train_one(run, sid, classes, generalist if generalist is not None else run.load_generalist())
+            train_one(run, sid, classes, generalist if generalist is not None else run.load_generalist(), shared)
         return True
     finally:
         lock.release()
@@ -161,12 +222,15 @@ def train(run: Run, only: list[int] | None = None) -> dict:
             raise SpecialistsError(f"--only names specialist(s) {unknown} but the run has ids {ids[0]}..{ids[-1]}")
     todo = [s for s in subsets if (only is None or s["id"] in only) and not _trained(run, s["id"])]
     if run.cfg.launch.executor != "local":
+        if todo and run.branch is not None:  # a model that cannot be split there: one line, before any job
+            run.split_generalist(run.load_generalist())
         run_jobs([Job(f"specialist {s['id']:03d}", specialist_job, (run, s["id"], s["classes"])) for s in todo],
                  run.cfg.launch)
     elif todo:
         generalist = run.load_generalist()  # loaded once for every job of this process
-        held = [s for s in todo if not specialist_job(run, s["id"], s["classes"], False, generalist)]
+        shared = run.split_generalist(generalist) if run.branch is not None else None
+        held = [s for s in todo if not specialist_job(run, s["id"], s["classes"], False, generalist, shared)]
         for s in held:
-            specialist_job(run, s["id"], s["classes"], True, generalist)
+            specialist_job(run, s["id"], s["classes"], True, generalist, shared)
     done = [i for i in ids if _trained(run, i)]
     return {"complete": len(done) == len(ids), "trained": done}

@@ -24,9 +24,21 @@ model exists: the born-again student (same student, same steps, same seed, same 
 ``student/second_generalist/`` whose test probabilities, averaged with the first generalist's,
 are the two-generalist ensemble.
 
+The **cascade** control (``ablate.cascade``, with the second generalist): the second generalist
+is consulted, and averaged with the first, only on the examples where the first generalist's
+top probability is below a threshold fitted on the validation split so that the cascade's
+mean FLOPs per example equal the routed ensemble's (:func:`~specialists.core.cost.fit_cascade`):
+what the ensemble's inference budget buys without specialists.
+
 Writes ``student/model.safetensors`` (loadable by :class:`~specialists.inference.Student`) and
 ``student/metrics.json`` (test top-1/top-5/NLL, teacher, agreement with the teacher, train
-seconds per epoch, inference seconds per example, ``control`` and ``comparisons``).
+seconds per epoch, inference seconds per example, ``control`` and ``comparisons``). Every model's
+cost is there too: ``inference_flops`` (FLOPs per example on the timing sample) and
+``train_samples``, ``train_flops_per_sample`` (a training step's FLOPs per sample, the
+teacher's forward pass included) and ``train_compute`` (their product in generalist-example
+equivalents, :mod:`specialists.engine.flops`); each comparison row has its
+``flops_per_example``. Each model's test predictions (argmax class ids) are saved beside it
+(``Run.predictions``), so reports pair any two models without them.
 """
 
 from __future__ import annotations
@@ -38,12 +50,14 @@ import numpy as np
 import torch
 
 from ..core import metrics
+from ..core.cost import cascade_proba, count_flops, fit_cascade
 from ..core.losses import UNLABELLED
 from ..data import Split
 from ..data.teacher_table import load_teacher_probs, source_train_size
 from ..data.text import read_texts
 from ..device import agree, prepare_model
 from ..engine.executors import Job, as_run, run_jobs
+from ..engine.flops import generalist_train_flops, inference_flops, train_compute, training_flops
 from ..engine.teacher_api import TeacherAPI
 from ..engine.teachers import ApiTeacher, EnsembleTeacher, GeneralistTeacher, ProbsTeacher
 from ..engine.timing import REPEATS, seconds_per_example, timing_rows
@@ -59,7 +73,7 @@ from ..errors import SpecialistsError
 from ..inference import SingleModel, SpecialistEnsemble, Student
 from ..rundir import Run, to_dict
 from ..rundir.config import TREE, student_model_config
-from ..rundir.io import file_sha256, rank0, read_json, write_json
+from ..rundir.io import file_sha256, rank0, read_json, write_json, write_npy
 
 log = logging.getLogger("specialists")
 
@@ -81,6 +95,46 @@ def _test_probs(run: Run, model) -> torch.Tensor:
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def _ensemble_flops(run: Run) -> float | None:
+    """The routed ensemble's FLOPs per example from the evaluate stage's ``cost``, if recorded."""
+    try:
+        return float(read_json(run.evaluation_json)["cost"]["ensemble_flops"])
+    except (SpecialistsError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _save_predictions(run: Run, key: str, p: torch.Tensor) -> None:
+    write_npy(run.predictions(key), p.argmax(1).cpu().numpy().astype(np.int64))
+
+
+@torch.inference_mode()
+def cascade_control(run: Run, first, second, first_flops: float, second_flops: float, target_flops: float,
+                    p_first: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The cascade of two generalists (``first``, ``second``: batch -> probabilities): the
+    threshold fitted on the validation split to cost ``target_flops`` per example, then the
+    cascade run on the test split, its FLOPs counted as it runs. ``p_first``: the first's test
+    probabilities (its paired interval's reference). Returns its ``control`` entry and its
+    test probabilities."""
+    ds, cfg, bs = run.data, run.cfg, run.cfg.student.eval_batch_size
+    val = ds.split("val")
+    p_val = torch.cat([first(x).float().cpu() for x, _ in ds.batcher(val, run.device).iterate(bs)])
+    fit = fit_cascade(p_val.max(1).values, first_flops, second_flops, target_flops)
+    t, parts, flops = fit["threshold"], [], 0
+    for x, _ in ds.batcher(ds.test, run.device).iterate(bs):
+        flops += count_flops(lambda: parts.append(cascade_proba(first, second, x, t)))  # noqa: B023 (called now)
+    q = torch.cat([p.float().cpu() for p, _ in parts])
+    asked = torch.cat([a.cpu() for _, a in parts])
+    y = ds.test.y
+    boot = metrics.paired_bootstrap(metrics.topk_correct(p_first, y), metrics.topk_correct(q, y),
+                                    cfg.evaluate.bootstrap, cfg.seed)
+    top1 = metrics.accuracy(q, y)
+    return {"threshold": t, "target_flops": target_flops, "target_fraction": fit["target_fraction"],
+            "consulted_fraction": {"val": fit["val_fraction"], "test": float(asked.float().mean())},
+            "val_flops": fit["val_flops"], "inference_flops": flops / len(y) if len(y) else None,
+            "test_top1": top1, "test_top5": metrics.accuracy(q, y, 5), "test_nll": metrics.nll(q, y),
+            "change_vs_generalist": top1 - metrics.accuracy(p_first, y), "ci95_vs_generalist": boot["ci95"]}, q
 
 
 def _evaluation_top1(run: Run) -> dict:
@@ -327,17 +381,61 @@ def distill(run: Run) -> dict:
         fns["born_again"] = one["born_again"]
     if second is not None:
         fns["two_generalists"] = lambda x: (one["generalist"](x) + one["second"](x)) / 2
+
+    # --- FLOPs per example on the same sample, and the cascade (timed with the rest) ---------
+    flops = {k: inference_flops(fn, x_time, bs) for k, fn in fns.items()}
+    if hard is not None:
+        flops["hard_labels"] = inference_flops(SingleModel(hard, info, device, bs).proba, x_time, bs)
+    if second is not None:
+        flops["second"] = inference_flops(one["second"], x_time, bs)
+    f_ens = _ensemble_flops(run) or flops["ensemble"]  # the evaluation's figure: the frontier's, the cascade's target
+    if second is not None and cfg.ablate.cascade:
+        if len(ds.split("val")):
+            control["cascade"], probs["cascade"] = cascade_control(run, one["generalist"], one["second"],
+                                                                   flops["generalist"], flops["second"], f_ens, p_gen)
+            top1["cascade"], flops["cascade"] = control["cascade"]["test_top1"], control["cascade"]["inference_flops"]
+            threshold = control["cascade"]["threshold"]
+            fns["cascade"] = lambda x: cascade_proba(one["generalist"], one["second"], x, threshold)[0]
+        else:
+            log.warning("cascade control skipped: the data set has no validation split to fit its threshold on")
     secs = seconds_per_example(fns, x_time, bs, REPEATS)
+
+    # --- training compute, in generalist-example equivalents ---------------------------------
+    unit = generalist_train_flops(run, generalist)
+    teacher_flops = {"ensemble": f_ens, "generalist": flops["generalist"]}  # a table or an API: nothing counted
+
+    def train_cost(model, hist: list[dict], teacher: str | None) -> dict:
+        """Samples (steps x batch size), FLOPs per sample (a training step's, plus the teacher's
+        forward pass on it) and their product over the generalist's FLOPs per example."""
+        samples = sum(h["steps"] for h in hist) * st.batch_size
+        per_sample = training_flops(run, model) + teacher_flops.get(teacher, 0.0)
+        return {"train_samples": samples, "train_flops_per_sample": per_sample,
+                "train_compute": train_compute(samples, per_sample, unit)}
+
+    for key, model, hist, teacher in (("born_again", born_again, ba_history, "generalist"),
+                                      ("hard_labels", hard, hl_history, None)):
+        if model is not None:
+            control[key].update(train_cost(model, hist, teacher), inference_flops=flops[key])
+    if second is not None:
+        samples = cfg.generalist.epochs * len(ds.train)  # the generalist's network and recipe: its unit
+        control["second_generalist"].update(train_samples=samples, train_flops_per_sample=unit,
+                                            train_compute=train_compute(samples, unit, unit),
+                                            inference_flops=flops["second"])
+        control["two_generalist_average"]["inference_flops"] = flops["two_generalists"]
 
     names = {"generalist": "generalist", "ensemble": "routed ensemble (generalist + specialists)",
              "student": f"student of the {'ensemble' if teacher_name == 'ensemble' else teacher_name + ' teacher'}",
              "born_again": "born-again student (teacher: generalist)",
              "two_generalists": "two-generalist average (second seed)",
-             "hard_labels": "the same tree on hard labels"}
+             "hard_labels": "the same tree on hard labels",
+             "cascade": "cascade: the second generalist only where the first is unsure"}
     if is_tree:
         names["student"] = f"soft tree distilled from the {teacher_name}"
-    comparisons = {k: {"name": names[k], "test_top1": top1[k], "seconds_per_example": secs.get(k)}
-                   for k in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists")
+    flops["ensemble"] = f_ens
+    comparisons = {k: {"name": names[k], "test_top1": top1[k], "seconds_per_example": secs.get(k),
+                       "flops_per_example": flops.get(k)}
+                   for k in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists",
+                             "cascade")
                    if k in top1}
 
     def gain_over(control_key: str) -> dict | None:
@@ -378,6 +476,9 @@ def distill(run: Run) -> dict:
         "generalist_epoch_time_source": gen_source,
         "train_time_ratio_vs_generalist": st_epoch / gen_epoch if st_epoch and gen_epoch else None,
         "inference_seconds_per_example": secs["student"],
+        "inference_flops": flops["student"],
+        **train_cost(student, history, teacher_name),
+        "generalist_train_flops_per_example": unit,
         "inference_ratio_vs_ensemble": secs["student"] / secs["ensemble"] if secs["ensemble"] else None,
         "timing_examples": int(len(x_time)),
         "timing_repeats": REPEATS,
@@ -388,7 +489,17 @@ def distill(run: Run) -> dict:
         "tree": _tree_summary(run, student, hard, top1, gain_over("hard_labels")) if is_tree else None,
         "history": history,
     }
+    for key, p in (("student", p_student), *((k, probs[k]) for k in ("born_again", "hard_labels", "two_generalists",
+                                                                     "cascade") if k in probs)):
+        _save_predictions(run, key, p)
+    if second is not None:
+        _save_predictions(run, "second_generalist", p_second)
     write_json(run.student.metrics, result)
+    if "cascade" in control:
+        c = control["cascade"]
+        log.info("cascade: consults the second generalist on %.1f%% of test examples (threshold %.4f), "
+                 "%.3g FLOPs per example (target %.3g), test top-1 %.4f", 100 * c["consulted_fraction"]["test"],
+                 c["threshold"], c["inference_flops"], c["target_flops"], c["test_top1"])
     log.info("student (teacher %s): test top-1 %.4f (generalist %.4f, ensemble %.4f), agreement with teacher %s",
              teacher_name, top1["student"], top1["generalist"], top1["ensemble"],
              f"{result['agreement_with_teacher']:.4f}" if result["agreement_with_teacher"] is not None else "-")

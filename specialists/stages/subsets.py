@@ -2,7 +2,8 @@
 
 Writes ``RUN_DIR/subsets/``: ``probs.npy`` (N x C float32, the generalist on the held-in split,
 reused by later stages), ``covariance.npy`` (C x C float32), ``subsets.json`` and
-``metrics.json`` (sizes, adjusted Rand index against coarse labels where known, warnings).
+``metrics.json`` (sizes, the realized coverage per class, adjusted Rand index against coarse
+labels where known, warnings).
 Never the test split: clustering on it would leak into the evaluation.
 """
 
@@ -13,7 +14,7 @@ import logging
 import numpy as np
 import torch
 
-from ..core.subsets import adjusted_rand_index, find_subsets
+from ..core.subsets import adjusted_rand_index, coverage_summary, find_subsets
 from ..engine.fit import predict_logits
 from ..errors import SpecialistsError
 from ..rundir import Run
@@ -45,7 +46,7 @@ def find(run: Run) -> dict:
         res = find_subsets(probs, labels, cfg.num_specialists, mode=cfg.mode,
                            classes_per_specialist=cfg.classes_per_specialist, normalize=cfg.normalize,
                            method=cfg.method, seed=run.cfg.seed, min_size=cfg.min_size, max_size=cfg.max_size,
-                           leave_unwanted=cfg.leave_unwanted, niter=cfg.niter)
+                           leave_unwanted=cfg.leave_unwanted, niter=cfg.niter, coverage=cfg.coverage)
     except ValueError as exc:
         raise SpecialistsError(f"find-subsets: {exc}") from None
     if not res.subsets:
@@ -67,12 +68,16 @@ def find(run: Run) -> dict:
         "size_histogram": res.size_histogram,
         "classes_covered": int(covered.sum()),
         "classes_left_to_generalist": int(C - covered.sum()),
+        # asked for (None: the partition) and realized: how many subsets hold each class, after
+        # the size rules and the merging of identical subsets
+        "coverage": cfg.coverage,
+        "class_coverage": coverage_summary(res.coverage),
         "warnings": res.warnings,
     }
     if ds.fine_to_coarse is not None:
         # agreement of the k-means partition (every class labelled) with the coarse grouping
         metrics["adjusted_rand_index"] = adjusted_rand_index(np.asarray(ds.fine_to_coarse), res.cluster_labels)
-        if cfg.mode == "partition":
+        if cfg.mode == "partition" and (cfg.coverage or 1) == 1:  # overlapping subsets are no labelling
             part = np.full(C, -1)
             for i, s in enumerate(res.subsets):
                 part[s] = i
