@@ -132,19 +132,9 @@ class _LSTMTail(nn.Module):
         return self.dropout(masked_pool(run_lstm(self.lstm, e, mask), mask, self.pooling))
 
 
-class _Chain(nn.Sequential):
-    """``nn.Sequential`` whose first module may take several inputs (a tuple trunk output)."""
-
-    def forward(self, *h):
-        x = tail_input(self[0], h if len(h) > 1 else h[0])
-        for m in list(self)[1:]:
-            x = m(x)
-        return x
-
-
 def _sequential_split(seq: nn.Sequential, starts: list[int], k: int):
     cut = starts[len(starts) - k]
-    return nn.Sequential(*seq[:cut]), _Chain(*seq[cut:])
+    return nn.Sequential(*seq[:cut]), nn.Sequential(*seq[cut:])
 
 
 def _resnet_blocks(net) -> list[nn.Module]:
@@ -177,9 +167,17 @@ def _builtin(features: nn.Module, k: int):
     return None
 
 
+class TooFewBlocks(SpecialistsError):
+    """``specialists.branch`` above the model's block count (``blocks``)."""
+
+    def __init__(self, k: int, blocks: int):
+        super().__init__(f"specialists.branch={k}: the model has only {blocks} blocks (0..{blocks} are possible)")
+        self.blocks = blocks
+
+
 def _check(k: int, n: int) -> None:
     if k > n:
-        raise SpecialistsError(f"specialists.branch={k}: the model has only {n} blocks (0..{n} are possible)")
+        raise TooFewBlocks(k, n)
 
 
 def _external(features: nn.Module, k: int, name: str):
@@ -258,14 +256,11 @@ def builtin_block_count(model_cfg) -> int | None:
 
 def block_count(model: Classifier) -> int:
     """How many blocks ``model``'s features have (the largest ``specialists.branch``)."""
-    for n in range(0, 1024):
-        try:
-            split(model, n + 1)
-        except SpecialistsError as exc:
-            if "has only" in str(exc):
-                return n
-            raise
-    return 1024
+    try:
+        split(model, 1 << 30)
+    except TooFewBlocks as exc:
+        return exc.blocks
+    raise AssertionError("unreachable: no model has that many blocks")
 
 
 class TailClassifier(Classifier):
