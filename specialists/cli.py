@@ -78,7 +78,7 @@ def _run_verb(stage, args) -> int:
     from .stages.pipeline import run_all, run_stage
 
     cfg = load_config(args.config, args.overrides)
-    if init_distributed(cfg.device) and not is_main():  # under torchrun: rank 0 speaks for all
+    if init_distributed(cfg.device, cfg.launch.dist_timeout) and not is_main():  # under torchrun: rank 0 speaks for all
         logging.getLogger("specialists").setLevel(logging.WARNING)
     if stage is None:  # `run`
         run_all(cfg, force=args.force)

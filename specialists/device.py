@@ -7,13 +7,20 @@ channels-last buys nothing), so CPU runs are plain float32 and reproducible.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
+import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 from torch import nn
 
-from .errors import SpecialistsError
+from .errors import SpecialistsError, one_line
+
+log = logging.getLogger("specialists")
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -76,16 +83,74 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def init_distributed(device: str = "auto") -> bool:
+_TORCHRUN = "torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; unset WORLD_SIZE for one process"
+
+
+def _env_int(name: str, default: str | None = None) -> int:
+    """The non-negative integer in environment variable ``name`` (``default`` when unset); one
+    line when it is unset without a default, or not such an integer."""
+    text = os.environ.get(name, "").strip() or default
+    if text is None:
+        raise SpecialistsError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {name} is not set ({_TORCHRUN})")
+    if not text.isdigit():
+        raise SpecialistsError(f"{name}={text!r} is not a non-negative integer ({_TORCHRUN})")
+    return int(text)
+
+
+def _wait_for_master(addr: str, port: int, deadline: float) -> None:
+    """Wait until rank 0's store at ``addr:port`` accepts connections, or ``deadline``
+    (``time.monotonic()``). Polled here because torch's own client, once it times out, prints
+    C++ stack frames before raising."""
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise torch.distributed.DistError(f"no answer at {addr}:{port} ({exc.strerror or one_line(exc)})") from None
+            time.sleep(0.2)
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 10.0) -> bool:
     """Join the process group torchrun describes in the environment (``WORLD_SIZE`` > 1):
-    ``nccl`` on CUDA, ``gloo`` on the CPU. Returns whether this is a multi-process run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    ``nccl`` on CUDA, ``gloo`` on the CPU. Returns whether this is a multi-process run.
+
+    A missing or malformed variable is one line. A rank waits ``timeout_min`` minutes for its
+    peers (``launch.dist_timeout``: to join, and later at every collective), then gives up in
+    one line; a rank still waiting after a few seconds says once what it waits for."""
+    size = _env_int("WORLD_SIZE", "1")
+    if size <= 1:
         return False
-    if not torch.distributed.is_initialized():
-        cuda = device != "cpu" and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if torch.distributed.is_initialized():
+        return True
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", "0")
+    if rank >= size:
+        raise SpecialistsError(f"RANK={rank} but WORLD_SIZE={size}: ranks are 0..{size - 1} ({_TORCHRUN})")
+    addr = os.environ.get("MASTER_ADDR", "").strip()
+    if not addr:
+        raise SpecialistsError(f"WORLD_SIZE={size} but MASTER_ADDR is not set ({_TORCHRUN})")
+    port = _env_int("MASTER_PORT")
+    if not 1 <= port <= 65535:
+        raise SpecialistsError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    seconds = timeout_min * 60
+    me, peers = f"rank {rank} of {size}", f"the other ranks at {addr}:{port}"
+    # said only when joining is slow: a healthy start of many ranks stays quiet
+    notice = threading.Timer(min(5.0, seconds / 4), log.info, ("%s: waiting for %s (giving up after %g min: "
+                                                              "launch.dist_timeout)", me, peers, timeout_min))
+    notice.daemon = True
+    notice.start()
+    try:
+        if rank > 0:
+            _wait_for_master(addr, port, time.monotonic() + seconds)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=seconds))
+    except torch.distributed.DistError as exc:  # the store timed out, or no rank 0 answered in time
+        raise SpecialistsError(f"{me}: gave up waiting for {peers} after {timeout_min:g} min (launch.dist_timeout): "
+                               f"{one_line(exc).rstrip('.')}; start all {size} ranks, or raise launch.dist_timeout") from None
+    finally:
+        notice.cancel()
     return True
 
 

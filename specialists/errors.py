@@ -14,6 +14,11 @@ class ConfigError(SpecialistsError):
     """An unknown key, a wrong type or an impossible value in the configuration."""
 
 
+class ModelError(SpecialistsError):
+    """A model that cannot be built, or does not fit the data's inputs: names the model and the
+    cause (a factory that raises, a module that does not import, a first layer of another size)."""
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``exc``'s message on one line (its lines joined), at most ``limit`` characters; the
     exception's type name when it has no message."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -19,7 +20,7 @@ from specialists.models import build_model
 from specialists.models.branch import Branched, block_count, builtin_block_count, split, tail_classifier
 from specialists.rundir import Run
 from specialists.rundir.config import ModelConfig
-from specialists.stages.specialists import train_one
+from specialists.stages.pipeline import run_stage
 
 FAMILIES = [  # (model.name, input shape, vocabulary or None, blocks)
     ("mlp", (12,), None, 2),
@@ -92,16 +93,11 @@ def _last_conv(gen) -> int:
 
 @pytest.fixture(scope="module")
 def branched_run(tiny_run, tmp_path_factory):
-    """The tiny run's generalist and subsets with two shared-trunk specialists (k = 1, cached trunk)."""
+    """The tiny run's generalist and subsets with shared-trunk specialists (k = 1, cached trunk)."""
     dst = tmp_path_factory.mktemp("branch") / "run"
     shutil.copytree(tiny_run.run_dir, dst)
-    shutil.rmtree(dst / "specialists")
     cfg = tiny_config(dst, "specialists.branch=1", "specialists.cache_trunk=true", "specialists.epochs=1")
-    run = Run(cfg)
-    run.save_config()  # what Run.open (inference, export) reads
-    gen = run.load_generalist()
-    for s in run.load_subsets()[:2]:
-        train_one(run, s["id"], s["classes"], gen)
+    run_stage(cfg, "specialists", force=True)  # records the files, as export's checks expect
     return cfg
 
 
@@ -124,26 +120,30 @@ def test_a_shared_trunk_specialist_saves_only_its_tail_and_head(branched_run):
     assert meta["branch"] == "1"
 
 
-def test_routed_ensemble_with_a_shared_trunk_equals_the_composition_by_hand(branched_run):
-    run = Run(branched_run)
-    ens = SpecialistEnsemble.from_run(run, specialists=[0, 1], verify=False)
-    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(40))[0]
-    q = ens.proba(x)
-    # by hand: the generalist's layers, cut before its last convolution
+def _by_hand(run, x, sids):
+    """The routed ensemble composed by hand: the generalist's layers cut before its last
+    convolution, each specialist's tail and head on that cut, top-1 routing, EM."""
     gen = run.load_generalist()
     layers, cut = list(gen.features), _last_conv(gen)
     with torch.no_grad():
         h = torch.nn.Sequential(*layers[:cut])(x)
         p_g = torch.softmax(gen.head(torch.nn.Sequential(*layers[cut:])(h)), 1)
         subsets, p_ms = [], []
-        for sid in (0, 1):
+        for sid in sids:
             spec = run.load_specialist(sid, len(run.load_subsets()[sid]["classes"]) + 1)
             p_ms.append(torch.softmax(spec.head(spec.features(h)), 1))
             subsets.append(torch.tensor(run.load_subsets()[sid]["classes"]))
         top = p_g.argmax(1)
         active = torch.stack([torch.isin(top, s) for s in subsets], 1)
-        want = combine(p_g, subsets, [p * a[:, None] for p, a in zip(p_ms, active.T)], active, "em")
-    torch.testing.assert_close(q, want, rtol=0, atol=1e-6)
+        return p_g, combine(p_g, subsets, [p * a[:, None] for p, a in zip(p_ms, active.T)], active, "em")
+
+
+def test_routed_ensemble_with_a_shared_trunk_equals_the_composition_by_hand(branched_run):
+    run = Run(branched_run)
+    ens = SpecialistEnsemble.from_run(run, specialists=[0, 1], verify=False)
+    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(40))[0]
+    p_g, want = _by_hand(run, x, (0, 1))
+    torch.testing.assert_close(ens.proba(x), want, rtol=0, atol=1e-6)
     torch.testing.assert_close(ens.components(x)[0], p_g, rtol=0, atol=1e-6)
 
 
@@ -162,8 +162,19 @@ def test_a_specialist_loaded_against_another_generalist_is_one_line(branched_run
         other.load_specialist(0, len(other.load_subsets()[0]["classes"]) + 1)
 
 
-def test_export_refuses_a_shared_trunk_ensemble_in_one_line(branched_run):
+def test_the_exported_shared_trunk_ensemble_serves_the_composition_by_hand(branched_run, tmp_path):
     from specialists.inference.export import export_run
+    from specialists.inference.onnx_runtime import OnnxEnsemble
 
-    with pytest.raises(SpecialistsError, match="share the generalist's trunk.*export --model generalist"):
-        export_run(branched_run.run_dir, model="ensemble", out=str(branched_run.run_dir) + "/export")
+    run = Run(branched_run)
+    sids = [s["id"] for s in run.load_subsets()]
+    export_run(branched_run.run_dir, model="ensemble", out=tmp_path)
+    served = OnnxEnsemble(tmp_path)
+    assert served.meta["format_version"] == 2 and (tmp_path / "trunk.onnx").is_file()
+    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(40))[0]
+    h_shape = served.trunk.run(x[:2].numpy()).shape[1:]
+    # each specialist's graph takes the trunk's features, not the image: it holds no trunk
+    for graph in [served.generalist, *served.specialists]:
+        assert tuple(graph.session.get_inputs()[0].shape[1:]) == h_shape
+    _, want = _by_hand(run, x, sids)
+    np.testing.assert_allclose(served.predict_proba(x.numpy(), normalized=True), want.numpy(), rtol=0, atol=1e-5)

@@ -98,6 +98,18 @@ def test_em_and_closed_form_match_gradient_reference(shape):
         torch.testing.assert_close(q, q_grad, atol=1e-5, rtol=0)
 
 
+def test_gradient_solver_works_under_inference_mode():
+    """The ensemble predicts under ``torch.inference_mode()``: the gradient solver used to fail
+    there (``element 0 of tensors does not require grad``); it must reach EM's objective."""
+    pg, subsets, ps, act = make_problem(6, C=20, M=4, size=5, overlap=True, seed=3)
+    with torch.inference_mode():
+        table = prepare_subsets(subsets, 20)
+        q_grad = combine(pg, table, ps, act, solver="gradient", tol=1e-7)
+        q_em = combine(pg, table, ps, act, solver="em", tol=1e-10, max_iter=2000)
+    L_grad, L_em = objective(q_grad, pg, subsets, ps, act), objective(q_em, pg, subsets, ps, act)
+    torch.testing.assert_close(L_grad, L_em, rtol=1e-5, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------- vs scipy / grid
 
 

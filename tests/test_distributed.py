@@ -107,3 +107,50 @@ def test_every_stage_runs_under_torchrun(tmp_path):
         ("generalist", "subsets", "specialists", "evaluate", "ablate", "student"), "done")
     assert (d / "ablation" / "recluster" / "M002" / "evaluation" / "evaluation.json").exists()
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in d.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------- a broken torchrun environment
+# In this process, through the command line: the environment is read before any work.
+
+
+def _one_line_error(cap, env: dict, monkeypatch, run_dir: Path, *extra: str) -> tuple[str, list[str]]:
+    """``specialists train-generalist`` under ``env``: its one error line and its log lines."""
+    from specialists.cli import main
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cap.readouterr()
+    rc = main(["train-generalist", QUICKSTART, *TINY, f"run_dir={run_dir}", *extra])
+    err = cap.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert not torch.distributed.is_initialized()
+    return lines[0], [line for line in err.splitlines() if line.startswith("[")]
+
+
+@pytest.mark.parametrize("env,says", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a non-negative integer"),
+                                      ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "29500"},
+                                       "WORLD_SIZE=2 but MASTER_ADDR is not set")])
+def test_a_malformed_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatch, env, says):
+    line, _ = _one_line_error(capsys, env, monkeypatch, tmp_path / "run")
+    assert says in line and "torchrun sets" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_come_says_so_once_and_gives_up_after_dist_timeout(tmp_path, capfd, monkeypatch,
+                                                                                     rank):
+    """``WORLD_SIZE=2`` with one process: rank 0 waits for a rank 1 that never joins, rank 1 for
+    a rank 0 that never listens. ``launch.dist_timeout=0.03`` minutes: 1.8 seconds."""
+    port = _free_port()
+    env = {"WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    t0 = time.monotonic()
+    line, logged = _one_line_error(capfd, env, monkeypatch, tmp_path / "run", "launch.dist_timeout=0.03")
+    assert time.monotonic() - t0 < 10
+    assert f"rank {rank} of 2: gave up waiting for the other ranks at 127.0.0.1:{port} after 0.03 min" in line
+    assert "launch.dist_timeout" in line
+    waiting = [s for s in logged if "waiting for the other ranks" in s]
+    assert len(waiting) == 1 and f"rank {rank} of 2" in waiting[0], logged
+    assert not (tmp_path / "run").exists()

@@ -294,6 +294,32 @@ def test_bad_input_is_one_line_and_status_2(runs, tmp_path, capsys):
     assert not (no_specialists / "export").exists() and not (runs["base"] / "export").exists()
 
 
+@pytest.mark.parametrize("damage", ["no preprocessing", "a mean short of a channel", "a class id past the end"])
+def test_a_damaged_export_json_is_one_line(generalist_export, ensemble_export, tmp_path, damage):
+    """The graph's sha256 was checked but not the JSON beside it: a JSON without
+    ``preprocessing`` gave a KeyError, a mean of 2 values for 3 channels a broadcasting error."""
+    src, name, serve = ((ensemble_export, "ensemble.json", OnnxEnsemble) if damage == "a class id past the end"
+                        else (generalist_export[0], "generalist.json", OnnxModel))
+    folder = tmp_path / "export"
+    shutil.copytree(src, folder)
+    meta = json.loads((folder / name).read_text())
+    if damage == "no preprocessing":
+        del meta["preprocessing"]
+        words = "no 'preprocessing'"
+    elif damage == "a mean short of a channel":
+        c = meta["preprocessing"]["input_shape"][0]
+        meta["preprocessing"]["mean"] = meta["preprocessing"]["mean"][:-1]
+        words = f"'preprocessing.mean' must be {c} numbers (one per channel)"
+    else:
+        meta["specialists"][0]["classes"][0] = meta["num_classes"]
+        words = "'specialists[0].classes' must be distinct class ids"
+    (folder / name).write_text(json.dumps(meta))
+    with pytest.raises(SpecialistsError) as info:
+        serve(folder, threads=1)
+    msg = str(info.value)
+    assert "\n" not in msg and name in msg and words in msg and "export the run again" in msg, msg
+
+
 # ----------------------------------------------------------------------------- combine_numpy
 def _probs(rng, rows: int, k: int, sharp: float) -> np.ndarray:
     z = rng.normal(size=(rows, k)) * sharp

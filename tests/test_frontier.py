@@ -58,6 +58,18 @@ def test_flops_of_a_known_layer_stack_equal_the_hand_count():
     assert flops_per_example(net, x[:0]) == 0.0
 
 
+def test_an_eval_mode_transformer_layer_is_counted_in_full():
+    # by hand, per token of one layer (d = 64, feed-forward 128, L = 32 tokens): q, k, v and out
+    # projections 4 d^2, scores and weighted values 2 L d, feed-forward 2 d ff; times 2 for
+    # multiply-add. Its fused eval fast path and CPU attention kernel counted 0 before.
+    d, ff, L, B = 64, 128, 32, 8
+    layer = torch.nn.TransformerEncoderLayer(d, 4, ff, batch_first=True).eval()
+    with torch.no_grad():
+        got = count_flops(layer, torch.randn(B, L, d))
+    assert got == 2 * B * L * (4 * d * d + 2 * L * d + 2 * d * ff)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
 def test_training_flops_are_forward_loss_and_backward_and_change_nothing():
     torch.manual_seed(0)
     net = LinearThenConv().eval()

@@ -91,6 +91,42 @@ def test_ray_trains_every_specialist_as_the_local_executor_does(ray_cluster, tin
     assert json.loads((d / "manifest.json").read_text())["stages"]["specialists"]["status"] == "done"
 
 
+def test_a_worker_opens_the_run_and_loads_the_generalist_once_for_all_its_jobs(tiny_run, tmp_path, monkeypatch):
+    """What a Ray worker does with several tasks, in this process: the run's YAML text in, the
+    same open run (its data loaded once) and the same generalist for every job; a generalist
+    file that changed is loaded again."""
+    from specialists.engine import executors
+    from specialists.stages import specialists as stage
+
+    d = _without_specialists(tiny_run, tmp_path / "run")
+    cfg = tiny_config(d)
+    opened, loads = [], []
+    real_load = executors.Run.load_generalist
+
+    class Counted(executors.Run):
+        def __init__(self, *a, **k):
+            opened.append(1)
+            super().__init__(*a, **k)
+
+        def load_generalist(self, *a, **k):
+            loads.append(1)
+            return real_load(self, *a, **k)
+
+    monkeypatch.setattr(executors, "Run", Counted)
+    monkeypatch.setattr(executors, "_WORKER_RUNS", {})
+    monkeypatch.setattr(stage, "_WORKER_GENERALIST", {})
+    text = to_yaml(cfg)
+    subsets = json.loads((d / "subsets" / "subsets.json").read_text())["subsets"]
+    for s in subsets[:2]:
+        assert specialist_job(text, s["id"], s["classes"])
+    assert len(opened) == 1 and len(loads) == 1
+    assert executors.as_run(text) is executors.as_run(text)
+    weights = d / "generalist" / "model.safetensors"
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # a retrained generalist
+    stage._generalist(executors.as_run(text))
+    assert len(loads) == 2
+
+
 def _ray_job_pids(name: str) -> list[int]:
     import psutil
 
@@ -145,6 +181,28 @@ def test_a_missing_run_directory_on_a_worker_is_one_line(ray_cluster, tmp_path):
         run_jobs([Job("specialist 000", specialist_job, (to_yaml(cfg), 0, [0, 1]))], launch)
     msg = str(info.value)
     assert "specialist 000" in msg and "on node" in msg and str(tmp_path / "gone") in msg and "\n" not in msg
+
+
+def test_a_job_larger_than_every_node_is_refused_before_it_is_queued(ray_cluster, tmp_path):
+    """``launch.gpus_per_job`` beyond any node's GPUs used to wait forever, Ray's autoscaler
+    repeating that it cannot fulfil the request."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    launch = tiny_config(tmp_path, "launch.executor=ray", f"launch.gpus_per_job={gpus + 1}").launch
+    outcome: list = []
+
+    def submit():
+        try:
+            outcome.append(run_jobs([Job("specialist 000", specialist_job, (to_yaml(tiny_config(tmp_path)), 0, [0]))],
+                                    launch))
+        except SpecialistsError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=submit, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the job was queued, waiting for GPUs the cluster does not have"
+    (msg,) = outcome
+    assert msg.startswith(f"launch.gpus_per_job={gpus + 1:g} but no node") and "GPUs" in msg and "\n" not in msg
 
 
 def test_two_only_processes_share_one_run_directory(tiny_run, tmp_path):

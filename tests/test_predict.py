@@ -10,6 +10,9 @@ import pytest
 from PIL import Image
 
 from specialists.cli import main
+from specialists.data import Preprocessing
+from specialists.data.files import open_image
+from specialists.inference.predict import read_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
@@ -77,3 +80,38 @@ def test_predict_bad_run_dir_is_one_line_and_status_2(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and "run directory" in err
+
+
+def test_a_16_bit_png_reads_as_its_8_bit_twin_in_training_and_in_predict(tmp_path):
+    """Training scaled a 16-bit grey by 255/65535 while predict clipped it at 255: the same
+    image got another class from its 16-bit file. One decoding serves both now."""
+    a8 = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    p8, p16 = tmp_path / "grey8.png", tmp_path / "grey16.png"
+    Image.fromarray(a8).save(p8)
+    Image.fromarray(a8.astype(np.uint16) * 257).save(p16)
+    assert Image.open(p16).mode == "I;16"
+    assert np.array_equal(np.asarray(open_image(p16, "L")), a8)  # how training decodes it
+    for shape in ((1, 8, 8), (3, 8, 8)):
+        x8, x16 = read_inputs(p8, shape)[0], read_inputs(p16, shape)[0]
+        assert x16.shape == (1, 8, 8, shape[0]) and np.array_equal(x16, x8) and np.array_equal(x16[0, :, :, 0], a8)
+
+
+def test_inputs_far_outside_the_training_range_are_answered_with_one_warning(tiny_run, info, tmp_path, capsys):
+    c, h, w = info["input_shape"]
+    rng = np.random.default_rng(0)
+    good, far, far2 = tmp_path / "good.npy", tmp_path / "far.npy", tmp_path / "far2.npy"
+    np.save(good, rng.integers(0, 256, (h, w, c)).astype(np.float32))
+    np.save(far, rng.uniform(-50, 1000, (h, w, c)).astype(np.float32))
+    np.save(far2, rng.uniform(-50, 1000, (2, h, w, c)).astype(np.float32))
+    assert main(["predict", tiny_run.run_dir, str(good), "--model", "generalist"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{good}:" in out and err == ""
+    assert main(["predict", tiny_run.run_dir, str(far), str(far2), "--model", "generalist"]) == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if "outside" in line or "range" in line]
+    assert len(err.splitlines()) == len(warnings) == 1 and "0..255" in warnings[0] and "Traceback" not in err
+    assert f"{far}:" in out and f"{far2}[1]:" in out  # still answered
+    # vectors: far from the training mean, in training standard deviations
+    vec = Preprocessing({"input_shape": [2], "scale": 1.0, "mean": [0.0, 10.0], "std": [1.0, 2.0]})
+    assert vec.outside_range(vec.to_batch(np.array([[3.0, 30.0]]))) is None
+    assert "standard deviations" in vec.outside_range(vec.to_batch(np.array([[3.0, 60.0]])))

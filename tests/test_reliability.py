@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -22,9 +24,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, tiny_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from specialists.cli import main
+from specialists.engine.executors import Job, run_jobs
 from specialists.errors import ConfigError, SpecialistsError
 from specialists.inference import SpecialistEnsemble
 from specialists.rundir import Run, load_config
@@ -91,7 +94,7 @@ def test_a_stray_label_is_refused_and_remap_labels_renumbers(tmp_path, capsys):
     assert not (tmp_path / "run" / "generalist").exists()
     # opting in renumbers the 11 distinct labels 0..10, the original ids becoming the names
     ds = Run(load_config(QUICKSTART, ["data.name=npz", f"data.path={path}", "data.remap_labels=true",
-                                      f"run_dir={tmp_path / 'r2'}"])).data
+                                      "model.name=mlp", f"run_dir={tmp_path / 'r2'}"])).data
     assert ds.num_classes == 11 and ds.class_names == [str(i) for i in range(10)] + ["29999"]
     y_all = torch.cat([ds.train.y, ds.val.y])
     assert int((y_all == 10).sum()) == 1 and int(y_all.max()) == 10
@@ -126,11 +129,183 @@ def test_class_count_checks_fire_before_the_generalist_trains(tmp_path, capsys):
     assert not (tmp_path / "run" / "generalist").exists()
 
 
+def test_a_class_emptied_by_the_validation_split_keeps_its_only_row(tmp_path):
+    """A class with one training row and data.val_fraction=0.6 used to end with no training row:
+    the empty-class check ran before the split, which took the row to validation."""
+    x, y = _vectors(n_classes=3, per_class=6)
+    x, y = np.concatenate([x, x[:1] + 5]), np.concatenate([y, [3]])  # class 3: one row
+    path = _npz(tmp_path / "one_row.npz", x, y, x[:8], np.arange(8) % 4)
+    ds = Run(load_config(QUICKSTART, ["data.name=npz", f"data.path={path}", "data.val_fraction=0.6",
+                                      "model.name=mlp", "subsets.num_specialists=2", f"run_dir={tmp_path / 'run'}"])).data
+    assert int((ds.train.y == 3).sum()) == 1 and int((ds.val.y == 3).sum()) == 0
+    assert int((ds.val.y == 0).sum()) == 4  # the other classes still give round(0.6 * 6) rows each
+
+
+@pytest.mark.parametrize("case", ["null coarse label", "tokenizer without unknown token", "classes.txt not UTF-8"])
+def test_bad_text_files_are_one_line(tmp_path, capsys, case):
+    """A null coarse label used to invent a coarse class 'None'; a tokenizer without an unknown
+    token, and a classes.txt in Latin-1, gave tracebacks."""
+    rows = [{"text": f"word{i % 3} and more", "label": f"c{i % 3}", "group": "g"} for i in range(12)]
+    extra = ["data.coarse_field=group"]
+    if case == "null coarse label":
+        rows[4]["group"] = None
+        words = ["line 5", "coarse label ('group')", "None"]
+    elif case == "tokenizer without unknown token":
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        tok = Tokenizer(models.WordLevel({"[PAD]": 0, "and": 1, "more": 2, "word0": 3, "word1": 4, "word2": 5}))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(tmp_path / "tokenizer.json"))
+        extra = [f"data.tokenizer={tmp_path / 'tokenizer.json'}"]
+        words = ["tokenizer.json", "outside its vocabulary", "unknown token"]
+    else:
+        (tmp_path / "classes.txt").write_bytes("c0\nc1\nc2 caf\xe9\n".encode("latin-1"))
+        words = ["classes.txt", "UTF-8"]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = _cli_error(capsys, ["train-generalist", QUICKSTART, "data.name=text", f"data.path={tmp_path / 'all.jsonl'}",
+                               "model.name=textcnn", f"run_dir={tmp_path / 'run'}", "device=cpu", *extra])
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model,words", [
+    ("cnn", "model 'cnn' needs image inputs"),
+    ("resnet8", "model 'resnet8' needs image inputs"),
+    ("python:user_code:raises", "raised RuntimeError when built for 4 classes and inputs (6,) (no GPU here)"),
+    ("python:user_code:wrong_input", "does not fit the data's vectors of shape (6,) (mat1 and mat2"),
+    ("python:broken_user_code:net", "SyntaxError"),
+])
+def test_a_model_that_cannot_take_the_data_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, model, words):
+    """Used to be tracebacks: a built-in image model on vectors (a plain ValueError), a factory
+    that raises, a module with a syntax error, and a first layer of another size (only once
+    training began). Every model is now built once on a dummy input of the data's shape."""
+    (tmp_path / "broken_user_code.py").write_text("def net(num_classes, input_shape:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, y = _vectors()
+    path = _npz(tmp_path / "v.npz", x, y, x[:8], y[:8])
+    line = _cli_error(capsys, _npz_argv("train-generalist", path, tmp_path / "run", f"model.name={model}"))
+    assert "'model.name'" in line and model in line and words in line, line
+    assert not (tmp_path / "run").exists()
+    line = _cli_error(capsys, _npz_argv("train-generalist", path, tmp_path / "run", "student.model.name=cnn"))
+    assert "'student.model.name'" in line and "model 'cnn' needs image inputs" in line, line
+
+
 @pytest.mark.parametrize("override", ["distill.temperature=inf", "distill.temperature=nan", "generalist.lr=inf",
                                       "combine.tol=nan"])
 def test_non_finite_config_values_are_refused(override):
     with pytest.raises(ConfigError, match=f"'{override.split('=')[0]}'.*finite"):
         load_config(QUICKSTART, [override])
+
+
+@pytest.mark.parametrize("override", ["seed=-1", f"seed={2**32}", f"seed={2**70}", "data.split_seed=-5",
+                                      "ablate.seed=-3", "distill.temperature=1e30", "generalist.lr=1e9",
+                                      "combine.tol=2", "data.difficulty=1e30"])
+def test_config_values_out_of_range_are_refused_before_any_work(tmp_path, capsys, override):
+    """Seeds used to reach torch, numpy or faiss (a traceback, some after earlier stages
+    finished), and an absurd temperature to train a NaN student that exited 0."""
+    x, y = _vectors()
+    path = _npz(tmp_path / "v.npz", x, y, x[:8], y[:8])
+    line = _cli_error(capsys, _npz_argv("run", path, tmp_path / "run", override))
+    assert f"config key '{override.split('=')[0]}'" in line and " is not " in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_seed_runs(tmp_path, one_thread_here):
+    """The range is what every library takes: faiss's C int seed gets it reduced."""
+    from specialists.core.kmeans import kmeans
+
+    x, y = _vectors()
+    path = _npz(tmp_path / "v.npz", x, y, x[:8], y[:8])
+    top = 2**32 - 1
+    cfg = load_config(QUICKSTART, _npz_argv("x", path, tmp_path / "run", f"seed={top}", f"data.split_seed={top}")[2:])
+    assert len(Run(cfg).data.val) > 0  # the split, seeded by data.split_seed
+    kmeans(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32), 2, seed=cfg.seed)  # faiss: a C int
+
+
+# --------------------------------------------------------------------- documented options
+
+
+def test_the_student_starts_from_student_model_pretrained(tmp_path, one_thread_here):
+    """``student.model.pretrained`` was checked for existence and never loaded (the student
+    started from its seeded initialization); other files are refused in one line naming the key."""
+    from specialists.stages.student import new_student
+
+    run = Run(tiny_config(tmp_path / "run"))
+    donor = new_student(run, seed=5)
+    save_weights(tmp_path / "donor.safetensors", donor)
+    cfg = tiny_config(tmp_path / "run", f"student.model.pretrained={tmp_path / 'donor.safetensors'}")
+    student = new_student(Run(cfg), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), donor.state_dict().values()))
+    # refused: a pickle payload under a .safetensors name, another shape, another suffix
+    torch.save(donor.state_dict(), tmp_path / "pickle.safetensors")
+    wide = tiny_config(tmp_path / "run", "student.model.width=16")
+    save_weights(tmp_path / "wide.safetensors", new_student(Run(wide), seed=0))
+    for name, why in (("pickle.safetensors", "not a readable weights file"), ("wide.safetensors", "does not fit")):
+        cfg = tiny_config(tmp_path / "run", f"student.model.pretrained={tmp_path / name}")
+        with pytest.raises(SpecialistsError) as exc:
+            new_student(Run(cfg), seed=0)
+        msg = str(exc.value)
+        assert msg.startswith(f"student.model.pretrained {tmp_path / name}: ") and why in msg and "\n" not in msg
+    torch.save(donor.state_dict(), tmp_path / "donor.pt")
+    with pytest.raises(ConfigError, match="'student.model.pretrained'.*donor.pt.*safetensors"):
+        tiny_config(tmp_path / "run", f"student.model.pretrained={tmp_path / 'donor.pt'}")
+
+
+# --------------------------------------------------------------------- non-finite results
+
+
+def test_non_finite_weights_never_make_a_finished_generalist(tmp_path, capsys, one_thread_here):
+    """All-NaN weights as generalist.init with epochs=0 (or as model.pretrained) used to be
+    recorded as a finished generalist; find-subsets then failed in faiss."""
+    x, y = _vectors()
+    path = _npz(tmp_path / "v.npz", x, y, x[:8], y[:8])
+    assert main(_npz_argv("train-generalist", path, tmp_path / "good")) == 0
+    state = load_file(str(tmp_path / "good" / "generalist" / "model.safetensors"))
+    nan = tmp_path / "nan.safetensors"
+    save_file({k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()}, str(nan))
+    for key in ("generalist.init", "model.pretrained"):
+        run_dir = tmp_path / key
+        line = _cli_error(capsys, _npz_argv("train-generalist", path, run_dir, f"{key}={nan}", "generalist.epochs=0"))
+        assert key in line and "nan.safetensors" in line and "NaN or infinity" in line
+        assert not Run(load_config(QUICKSTART, _npz_argv("x", path, run_dir)[2:])).manifest.is_done("generalist")
+
+
+def test_huge_but_finite_inputs_train_a_finite_generalist(tmp_path, one_thread_here):
+    """Features around 3e37 overflowed the float32 variance of the normalization: NaN inputs,
+    a NaN loss, and a generalist recorded as finished."""
+    x, y = _vectors()
+    path = _npz(tmp_path / "big.npz", x * 3e37, y, x[:8] * 3e37, y[:8])
+    assert main(_npz_argv("train-generalist", path, tmp_path / "run")) == 0
+    metrics = json.loads((tmp_path / "run" / "generalist" / "metrics.json").read_text())
+    assert np.isfinite(metrics["test_nll"]) and np.isfinite(metrics["history"][0]["train_loss"])
+
+
+def test_a_non_finite_loss_or_model_is_never_recorded_as_done(tmp_path, one_thread_here):
+    """The shared checks every stage goes through: the training loop stops on a non-finite loss
+    before checkpointing the epoch, and a model holding NaN is never saved (the completion step)."""
+    from types import SimpleNamespace
+
+    from specialists.engine.fit import fit, predict_logits
+
+    model = torch.nn.Linear(3, 2)
+    tcfg = SimpleNamespace(epochs=2, optimizer="sgd", lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
+                           schedule="constant", warmup_epochs=0.0)
+    batches = lambda epoch: [(torch.ones(4, 3), torch.zeros(4, dtype=torch.long), None)]  # noqa: E731
+    step = lambda m, epoch, i, b: (m(b[0]).sum() * float("nan"), {})  # noqa: E731
+    state = tmp_path / "state.pt"
+    with pytest.raises(SpecialistsError, match=r"^student: the training loss became nan in epoch 1 "):
+        fit(model, tcfg, device=torch.device("cpu"), state_path=state, batches=batches, steps_per_epoch=1,
+            step=step, desc="student")
+    assert not state.exists()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    batcher = SimpleNamespace(iterate=lambda bs: [(torch.ones(5, 3), None)], device=torch.device("cpu"))
+    with pytest.raises(SpecialistsError, match="outputs are NaN or infinity on 5 of 5 examples"):
+        predict_logits(model, batcher)  # what every stage's metrics and find-subsets read
+    run = Run(tiny_config(tmp_path / "run"))
+    with pytest.raises(SpecialistsError, match="model.safetensors: not saved, its tensor 'weight' holds NaN"):
+        run.save_model(tmp_path / "run" / "model.safetensors", model)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 # --------------------------------------------------------------------- damaged artifacts
@@ -442,6 +617,58 @@ def test_stale_temp_files_of_dead_writers_are_removed(run_copy, one_thread_here)
     run_stage(cfg, "subsets")  # complete already: still cleans nothing it should not, and nothing blocks
     run_stage(cfg, "evaluate")  # a stage that runs removes what dead writers left
     assert not stale.exists() and live.exists()
+
+
+# --------------------------------------------------------------------- scale-out and run-directory details
+
+
+def test_an_unreachable_ray_address_is_one_line_at_once(tmp_path):
+    """``ray.init`` retried an address nothing answers at for minutes, deaf to Ctrl-C."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = tiny_config(tmp_path, "launch.executor=ray", f"launch.address=127.0.0.1:{port}").launch
+    outcome: list = []
+
+    def submit():
+        try:
+            outcome.append(run_jobs([Job("job", print)], launch))
+        except SpecialistsError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=submit, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "still trying to join the cluster"
+    (msg,) = outcome
+    assert msg.startswith(f"launch.address='127.0.0.1:{port}': no Ray cluster answers") and "\n" not in msg
+    assert not ray.is_initialized()
+
+
+def test_only_with_an_unknown_id_is_refused_before_the_attempt_is_recorded(run_copy, capsys):
+    d, _ = run_copy
+    before = (d / "manifest.json").read_bytes()
+    line = _cli_error(capsys, ["train-specialists", QUICKSTART, f"run_dir={d}", *TINY, "--only", "99"])
+    assert "--only names specialist(s) [99]" in line
+    assert (d / "manifest.json").read_bytes() == before  # no attempt recorded
+
+
+def test_a_truncated_manifest_is_one_line_that_says_how_to_recover(run_copy, capsys, caplog):
+    d, cfg = run_copy
+    manifest = d / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    line = _cli_error(capsys, ["train-specialists", QUICKSTART, f"run_dir={d}", *TINY])
+    assert str(manifest) in line and "not valid JSON" in line and "remove it" in line
+    weights = d / "generalist" / "model.safetensors"
+    original = _bytes(weights)
+    manifest.unlink()  # the recovery the line names: the trained model is reused, not retrained
+    with caplog.at_level(logging.INFO, logger="specialists"):
+        run_stage(cfg, "generalist")
+    assert not any("epoch" in r.getMessage() and "train_loss" in r.getMessage() for r in caplog.records)
+    assert _bytes(weights) == original
+    assert json.loads(manifest.read_text())["stages"]["generalist"]["status"] == "done"
 
 
 # --------------------------------------------------------------------- killed at random points

@@ -195,11 +195,13 @@ def test_an_api_teacher_trains_a_student_asks_each_input_once_and_resumes_after_
     assert (again["answered_from_cache"], again["requests_this_run"], again["requests_total"]) == (n_inputs, 0, calls)
 
 
-def test_the_query_budget_caps_the_requests(text_run, teacher, tmp_path):
+def test_the_query_budget_caps_the_requests(text_run, teacher, tmp_path, capsys):
     server, url, ds = teacher
     run_dir = tmp_path / "run"
     shutil.copytree(text_run, run_dir)
+    capsys.readouterr()
     assert main(_api(run_dir, url, "student.query_budget=2", "student.epochs=1")) == 0
     assert server.requests == 2
+    assert capsys.readouterr().err.count("the budget of 2 requests is spent") == 1  # said once, not per reader
     api = _json(run_dir / "student" / "metrics.json")["teacher_api"]
     assert api["answered"] == {"train": 128, "unlabelled": 0, "test": 0} and api["test_agreement"] is None

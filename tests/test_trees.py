@@ -325,3 +325,21 @@ def test_tree_student_trains_end_to_end_on_digits_through_the_cli(tmp_path, caps
                 "| the same tree on hard labels |"):
         assert row in report
     assert (run_dir / "student" / "tree.png").stat().st_size > 0
+
+
+def test_a_tree_student_gets_its_own_optimizer_defaults_unless_set(tmp_path):
+    """A tree trained with the network's SGD at lr 0.05 barely learns (its leaves' gradients are
+    scaled by path probabilities of about 2^-depth): unless the user sets them, a tree takes
+    AdamW at lr 0.01 without weight decay; a network student keeps the student defaults."""
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("student:\n  lr: 0.2\n")
+
+    def student(*overrides, path=None):
+        s = load_config(path, ["student.model.name=soft_tree", *overrides]).student
+        return s.optimizer, s.lr, s.weight_decay
+
+    assert student() == ("adamw", 0.01, 0.0)
+    assert student("student.optimizer=sgd", "student.weight_decay=1e-4") == ("sgd", 0.01, 1e-4)
+    assert student(path=yaml) == ("adamw", 0.2, 0.0)
+    net = load_config(None, []).student
+    assert (net.optimizer, net.lr, net.weight_decay) == ("sgd", 0.05, 5e-4)

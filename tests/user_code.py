@@ -17,6 +17,15 @@ def headless(num_classes: int, input_shape: tuple) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.ReLU())
 
 
+def raises(num_classes: int, input_shape: tuple) -> nn.Module:
+    raise RuntimeError("no GPU here")
+
+
+def wrong_input(num_classes: int, input_shape: tuple) -> nn.Module:
+    """A first layer for 100 features, whatever the data's are."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(100, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+
 class _Images(torch.utils.data.Dataset):
     def __init__(self, n: int, seed: int):
         rng = np.random.default_rng(seed)

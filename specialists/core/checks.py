@@ -8,6 +8,9 @@ forwards a core error to the user rewraps it as a one-line ``SpecialistsError``.
 
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import numpy as np
 import torch
 
@@ -61,3 +64,16 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
+
+
+def first_non_finite(named: Mapping) -> str | None:
+    """The name of the first entry of ``named`` (names to floats or tensors, e.g. a state dict)
+    that holds NaN or infinity; None when every entry is finite. Integer and bool tensors are
+    always finite. A tensor on a GPU is read back (one synchronization per tensor)."""
+    for name, value in named.items():
+        if isinstance(value, torch.Tensor):
+            if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+                return name
+        elif isinstance(value, float) and not math.isfinite(value):
+            return name
+    return None

@@ -693,9 +693,20 @@ def _solve_gradient(
 
     Independent of the EM code: it minimizes the cross-entropy part of L (L minus terms that do
     not depend on q) with autograd, the out-of-subset masses as log-sum-exp over the complement.
-    Returns q (R, C), iterations (R,), converged (R,)."""
-    pg = pg_all[rows]
-    act = active[rows]
+    Returns q (R, C), iterations (R,), converged (R,).
+
+    Callers often run under ``torch.inference_mode()`` (the ensemble's predictions do), where
+    autograd records nothing and inference tensors cannot be saved for backward: the solve
+    turns both back on and works on normal copies of its inputs."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _lbfgs_rows(pg_all[rows].clone(), table, [s[rows].clone() for s in specs], active[rows].clone(),
+                           max_iter, tol)
+
+
+def _lbfgs_rows(pg: Tensor, table: SubsetTable, specs: list[Tensor], act: Tensor, max_iter: int,
+                tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_solve_gradient` on its rows: ``pg`` (R, C), ``specs[m]`` (R, |S_m| + 1),
+    ``act`` (R, M) bool; autograd enabled."""
     R, C = pg.shape
     M = table.num_subsets
     dtype, device = pg.dtype, pg.device
@@ -706,7 +717,7 @@ def _solve_gradient(
     dust_m = pg.new_zeros(R, M)
     for m in range(M):
         s = table.sizes[m]
-        pm = specs[m][rows]
+        pm = specs[m]
         a = act[:, m]
         fixed.index_add_(1, table.index[m, :s], torch.where(a[:, None], pm[:, :s], pg.new_zeros(())))
         dust_m[:, m] = torch.where(a, pm[:, s], pg.new_zeros(()))

@@ -20,13 +20,24 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:
-    """FLOPs executed by ``fn(*args, **kwargs)`` (its result is discarded)."""
-    with FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
+    """FLOPs executed by ``fn(*args, **kwargs)`` (its result is discarded).
+
+    Fused attention kernels are invisible to the counter: an eval-mode
+    ``nn.TransformerEncoderLayer`` takes a fast path that counted 0 FLOPs, and CPU
+    scaled-dot-product attention hides its two matmuls. While counting, both run their plain
+    (math) form, which computes the same thing with counted operations."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            fn(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops())
 
 

@@ -170,7 +170,7 @@ def _faiss_lloyd(x: np.ndarray, init: np.ndarray, niter: int, seed: int, rounds:
     while done < niter:
         step = min(rounds, niter - done)
         km = faiss.Kmeans(
-            d, k, niter=step, seed=seed + done, verbose=False,
+            d, k, niter=step, seed=(seed + done) % 2**31, verbose=False,  # faiss's seed is a C int
             # Use every class (no subsampling) and silence the "too few points" warning:
             # here the points are classes, and few points per centroid is the normal case.
             min_points_per_centroid=1, max_points_per_centroid=max(256, x.shape[0]),

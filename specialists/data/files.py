@@ -42,6 +42,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..errors import SpecialistsError, one_line
+from .preprocess import WIDE_GREY_MODES, convert_image
 from .registry import RawData, register, stratified_split
 
 TEST_FRACTION = 0.2  # digits and single-tree imagefolder: the held-out test share
@@ -304,7 +305,7 @@ def load_npz(cfg) -> RawData:
 # ---------------------------------------------------------------------------------- imagefolder
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+GRAY_MODES = ("1", "L", "LA", *WIDE_GREY_MODES)
 
 
 def _class_dirs(root: Path) -> List[str]:
@@ -344,16 +345,13 @@ def _headers(files: List[Path]) -> tuple[list, list]:
 
 
 def open_image(path, mode: str):
-    """One image file in ``mode`` (``RGB`` or ``L``; wide grayscale scaled to 0..255)."""
+    """One image file in ``mode`` (``RGB`` or ``L``), decoded as inference decodes it
+    (:func:`~specialists.data.preprocess.convert_image`: wide grayscale scaled to 0..255)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
-                a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
-                return Image.fromarray(np.rint(a / top * 255).clip(0, 255).astype(np.uint8))
-            return im.convert(mode)
+            return convert_image(im, mode)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise SpecialistsError(f"{path}: cannot read image ({one_line(e)})") from None
 

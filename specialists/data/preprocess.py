@@ -9,15 +9,40 @@ calls :meth:`Preprocessing.normalize` on every batch, and the inference API call
 
 A text run's inputs are token ids (``layout`` ``NL``): nothing to normalize; raw strings are
 tokenized by the run's own tokenizer (``info["tokenizer"]``, its JSON), padded to the longest.
+
+Image files become raw uint8 pixels through :func:`convert_image`, both when a data set is
+decoded for training and when ``specialists predict`` reads a file.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from ..errors import SpecialistsError
 from .registry import TEXT_LAYOUT
+
+log = logging.getLogger("specialists")
+
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL's greys of more than 8 bits
+FAR_SDS = 20.0  # a vector feature this many training stds from the training mean is far outside the training data
+RAW_IMAGE_RANGE = (0.0, 255.0)  # what uint8 training images hold
+
+
+def convert_image(im, mode: str):
+    """A PIL image -> a new PIL image in ``mode`` (``RGB`` or ``L``), 8 bits per channel: the
+    raw pixels of training and of inference alike. A wide grey is scaled to 0..255 first (16-bit
+    by 1/65535 * 255, 32-bit integers and floats by their own maximum), where PIL's conversion
+    would clip it at 255."""
+    from PIL import Image
+
+    if im.mode in WIDE_GREY_MODES:
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        im = Image.fromarray(np.rint(a / top * 255).clip(0, 255).astype(np.uint8))
+    return im.convert(mode)  # a copy even in the same mode: the caller may close the file
 
 
 class Preprocessing:
@@ -39,6 +64,7 @@ class Preprocessing:
         shape = (1, -1, 1, 1) if self.is_image else (1, -1)
         self.mean = torch.tensor(info["mean"], dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(info["std"], dtype=torch.float32, device=self.device).view(shape)
+        self._warned = False  # about inputs far outside the training data: once
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """A batch in the stored layout and raw units ((B, C, H, W) or (B, D), on the device)
@@ -98,6 +124,31 @@ class Preprocessing:
             raise SpecialistsError(f"token ids must be in 0..{self.vocab_size - 1} (0 pads)")
         return x.long().to(self.device)
 
+    def outside_range(self, x: torch.Tensor) -> str | None:
+        """How a raw batch (the stored layout and units) lies far outside the training data, or
+        None: images below 0 or above 255 (by more than rounding), vectors more than ``FAR_SDS``
+        training standard deviations from the training mean."""
+        if self.is_text or not len(x):
+            return None
+        x = x.float()
+        lo, hi = float(x.min()), float(x.max())
+        if self.is_image:
+            if lo < RAW_IMAGE_RANGE[0] - 0.5 or hi > RAW_IMAGE_RANGE[1] + 0.5:
+                return f"inputs range from {lo:g} to {hi:g}, but the training images hold raw pixels 0..255"
+            return None
+        z = ((x - self.mean) / self.std).abs().max()
+        if z > FAR_SDS:
+            return (f"inputs range from {lo:g} to {hi:g}, up to {float(z):.3g} standard deviations from the training "
+                    f"data's mean (more than {FAR_SDS:g})")
+        return None
+
     def __call__(self, x) -> torch.Tensor:
-        """Raw user input -> normalized float32 model input on the device."""
-        return self.normalize(self.to_batch(x))
+        """Raw user input -> normalized float32 model input on the device. Inputs far outside the
+        training data (:meth:`outside_range`) are answered with one warning, the first time."""
+        x = self.to_batch(x)
+        if not self._warned:
+            why = self.outside_range(x)
+            if why:
+                log.warning("%s: the answers for them mean little (this warning is given once)", why)
+                self._warned = True
+        return self.normalize(x)

@@ -180,15 +180,14 @@ def register(name: str, *, needs_path: bool = False, default_augment: str = "cro
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): ``round(fraction * n_c)`` examples of each class c go to val
-    (at least one where the class has two or more). Deterministic in ``seed``."""
+    (at least one where the class has two or more), never its last one: a class's only
+    example stays in train. Deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     val = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        k = int(round(fraction * len(idx)))
-        if len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
+        k = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1)
         val.append(idx[:k])
     val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
     mask = np.ones(len(y), bool)
@@ -375,8 +374,9 @@ def build_dataset(data_cfg, resolution_hint: Optional[int] = None, saved_tokeniz
         mean, std = image_stats(train.x)
         input_shape = tuple(x_train.shape[1:])
     else:
-        mean = train.x.mean(0).tolist()
-        std = train.x.std(0).clamp_min(1e-6).tolist()
+        # float64: a float32 variance overflows for features above ~1e19 (std inf, inputs NaN)
+        mean = train.x.double().mean(0).tolist()
+        std = train.x.double().std(0).clamp_min(1e-6).tolist()
         input_shape = tuple(x_train.shape[1:])
     names = names if names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
@@ -435,11 +435,12 @@ def _train_val(data_cfg, raw: RawData, y_train, y_test, names, num_classes: int,
         is_val = np.zeros(len(y_train), bool)
         is_val[raw.val_rows] = True
         tr_idx, va_idx = order[~is_val[order]], order[is_val[order]]
-        _check_every_class_trains(y_train[tr_idx], y_test, num_classes, names, where)
-        return tr_idx, va_idx
-    _check_every_class_trains(y_train[order], y_test, num_classes, names, where)
-    tr_idx, va_idx = stratified_split(y_train[order], data_cfg.val_fraction, data_cfg.split_seed)
-    return order[tr_idx], order[va_idx]
+    else:
+        tr_idx, va_idx = stratified_split(y_train[order], data_cfg.val_fraction, data_cfg.split_seed)
+        tr_idx, va_idx = order[tr_idx], order[va_idx]
+    # checked on the final training split: every subsample and split above can empty a class
+    _check_every_class_trains(y_train[tr_idx], y_test, num_classes, names, where)
+    return tr_idx, va_idx
 
 
 def _fine_to_coarse(raw: RawData, y_train, y_test, num_classes: int, where: str) -> Optional[list]:

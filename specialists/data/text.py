@@ -85,9 +85,12 @@ def read_table(path: Path, text_field: str, label_field: str, coarse_field: Opti
         if not isinstance(text, str) or not text.strip():
             raise SpecialistsError(f"{path} line {n}: the text ('{text_field}') is empty" if isinstance(text, str) or
                                    text is None else f"{path} line {n}: the text ('{text_field}') is not a string")
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, str) and not label.strip()):
-            raise SpecialistsError(f"{path} line {n}: the label ('{label_field}') must be a class name or id, "
-                                   f"got {label!r}")
+        for what, field in [("label", label_field)] + ([("coarse label", coarse_field)] if coarse_field else []):
+            value = row[field]
+            # a null or empty label would become a class of its own ('None')
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, str) and not value.strip()):
+                raise SpecialistsError(f"{path} line {n}: the {what} ('{field}') must be a class name or id, "
+                                       f"got {value!r}")
         t.texts.append(text)
         t.labels.append(label.strip() if isinstance(label, str) else label)
         t.coarse.append(row[coarse_field] if coarse_field else None)
@@ -149,7 +152,10 @@ def load_text(cfg) -> RawData:
         classes_txt = path.parent / "classes.txt"
     names = None
     if classes_txt.is_file():
-        names = [line.strip() for line in classes_txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            names = [line.strip() for line in classes_txt.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecialistsError(f"{classes_txt}: cannot read it as UTF-8 text ({one_line(exc)})") from None
     ids, names = _class_ids(tables, names, "classes.txt" if classes_txt.is_file() else "train")
     coarse = None
     if cfg.coarse_field:

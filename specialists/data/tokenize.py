@@ -29,6 +29,7 @@ PAD_ID = 0
 TOKENIZERS = ("bpe", "wordpiece")  # data.tokenizer: trained on the training split (or a tokenizer.json path)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]"]  # in this order: [PAD] is id 0
 PAD_TOKENS = ("[PAD]", "<pad>")
+UNSEEN = "zqxj \u2603\U0001f600"  # a text of words outside any real vocabulary (a probe)
 
 
 def _train(kind: str, vocab_size: int, texts: Sequence[str]):
@@ -78,9 +79,15 @@ class TextEncoder:
         from tokenizers import Tokenizer
 
         try:
-            return cls(Tokenizer.from_str(text), max_length)
+            encoder = cls(Tokenizer.from_str(text), max_length)
         except Exception as exc:  # the tokenizers library raises plain Exceptions for bad JSON
             raise SpecialistsError(f"{where}: not a tokenizer.json of the tokenizers library ({one_line(exc)})") from None
+        try:  # words no vocabulary holds: a tokenizer without an unknown token fails on them
+            encoder.tokenizer.encode(UNSEEN, add_special_tokens=False)
+        except Exception as exc:
+            raise SpecialistsError(f"{where}: cannot encode a word outside its vocabulary ({one_line(exc)}); "
+                                   "give its model an unknown token that is in its vocabulary") from None
+        return encoder
 
     @classmethod
     def from_file(cls, path, max_length: int) -> "TextEncoder":

@@ -12,6 +12,7 @@ make the host wait for the GPU at every step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable, Iterable, Optional
 
@@ -39,7 +40,12 @@ def predict_logits(model: nn.Module, batcher: Batcher, batch_size: int = 1024) -
     for x, _ in batcher.iterate(batch_size):
         with autocast(batcher.device):
             out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    logits = torch.cat(out) if out else torch.zeros(0, 0)
+    bad = (~torch.isfinite(logits)).any(1)
+    if bad.any():  # every metric and later stage would inherit the NaN
+        raise SpecialistsError(f"a model's outputs are NaN or infinity on {int(bad.sum())} of {len(logits)} examples "
+                               "(its weights or the inputs' scale overflow)")
+    return logits
 
 
 def _resume(model: nn.Module, opt, sched, state_path, desc: str) -> tuple[list[dict], int] | None:
@@ -138,6 +144,9 @@ def fit(
                 info_sum[k] = info_sum.get(k, 0) + v
         loss_sum = mean_over_ranks(loss_sum)
         record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, n_steps), "steps": n_steps, **info_sum}
+        if not math.isfinite(record["train_loss"]):  # the weights are now NaN too: keep nothing of this epoch
+            raise SpecialistsError(f"{desc}: the training loss became {record['train_loss']} in epoch {epoch + 1} "
+                                   "(diverged: lower the learning rate, or check the inputs' scale)")
         if evaluate is not None:
             record.update(evaluate(model))
         record["seconds"] = time.perf_counter() - t0

@@ -28,6 +28,7 @@ from ..core.losses import hard_loss
 from ..models import is_soft_tree
 from ..rundir import Run
 from ..rundir.io import read_json
+from .timing import timing_rows
 
 log = logging.getLogger("specialists")
 
@@ -73,14 +74,17 @@ def inference_flops(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch
         return flops_per_example(fn, x, batch_size)
 
 
-def model_inference_flops(run: Run, model: torch.nn.Module, rows: int = FLOPS_BATCH) -> float:
-    """FLOPs per example of one forward pass of ``model`` on the first ``rows`` test examples."""
+def model_inference_flops(run: Run, model: torch.nn.Module) -> float:
+    """FLOPs per example of one forward pass of ``model`` on the evaluate stage's timing sample
+    of the test split, in its batches (the same rows and, for text, the same padded widths as
+    the generalist's and the ensemble's counts, so every model of a run is costed alike)."""
     test = run.data.test
-    x = run.data.batcher(test, run.device).batch(torch.arange(min(rows, len(test))))[0]
+    bs = run.cfg.generalist.eval_batch_size
+    x = run.data.batcher(test, run.device).batch(timing_rows(len(test), bs * run.cfg.evaluate.timing_batches))[0]
     was_training = model.training
     model.eval()
     try:
-        return inference_flops(model, x)
+        return inference_flops(model, x, bs)
     finally:
         model.train(was_training)
 

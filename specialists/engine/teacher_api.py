@@ -159,10 +159,11 @@ class TeacherAPI:
         except OSError as exc:
             raise SpecialistsError(f"{self.path}: cannot write ({exc.strerror or one_line(exc)})") from None
 
-    def query(self, inputs: Sequence, progress: Callable[[int, int], None] | None = None) -> Answers:
+    def query(self, inputs: Sequence, progress: Callable[[int, int], None] | None = None, ask: bool = True) -> Answers:
         """Answers for the N ``inputs``, asking the teacher only for those not cached, in input order.
 
         ``progress(done, total)`` is called after each answered request (distinct inputs sent, to send).
+        ``ask=False`` answers from the cache alone (asks nothing, warns of nothing).
         """
         texts = []
         for i, x in enumerate(inputs):
@@ -176,7 +177,7 @@ class TeacherAPI:
         for i, k in enumerate(keys):
             if not cached[i]:
                 missing.setdefault(k, i)
-        todo, requests = list(missing.items()), 0
+        todo, requests = list(missing.items()) if ask else [], 0
         for start in range(0, len(todo), self.batch_size):
             if self.budget is not None and self.requests_total >= self.budget:
                 log.warning("teacher API: the budget of %d requests is spent (%d recorded in %s); %d of %d inputs "

@@ -6,6 +6,7 @@ combination settings). Files written to ``--out`` (default ``RUN_DIR/export/``):
 
     student.onnx, student.json          (or generalist.onnx, generalist.json)
     generalist.onnx, specialist_000.onnx, ..., ensemble.json
+    trunk.onnx                          (an ensemble whose specialists share the generalist's trunk)
 
 Every graph computes what :meth:`SingleModel.proba <specialists.inference.SingleModel.proba>`
 computes on a normalized batch, ``softmax(model(x), 1)`` in float32 (a soft-tree student's
@@ -17,7 +18,7 @@ dustbin.
 The JSON (``<model>.json`` or ``ensemble.json``; :mod:`specialists.inference.onnx_runtime`
 serves both)::
 
-    format, format_version   "specialists-onnx", 1
+    format, format_version   "specialists-onnx", 1 (2: an ensemble with a shared trunk)
     kind, model              "model" | "ensemble"; "student" | "generalist" | "ensemble"
     input, output            {"name", "shape" (null = the batch axis), "dtype"}
     preprocessing            input_shape, layout ("NCHW" | "ND"), raw_dtype ("uint8" | "float32"),
@@ -28,6 +29,9 @@ serves both)::
                              outputs, architecture, weights (in the run), weights_sha256
     generalist, specialists  (kind "ensemble") the generalist's graph; per specialist the same
                              plus id, classes (class ids), names
+    trunk                    (shared trunk only) the trunk's graph, output "features", outputs
+                             null, input_shape, branch; the generalist's and specialists' entries
+                             then carry input_shape: the trunk's feature shape
     routing, combine         (kind "ensemble") {"mode", "top_n"}; {"solver": "em", "max_iter", "tol"}
     source                   run_dir, data, seed: where the models came from
     exporter                 specialists, torch and onnx versions, opset
@@ -68,10 +72,12 @@ from ..rundir.io import file_sha256, write_json
 from .ensemble import SpecialistEnsemble
 from .onnx_runtime import (
     ENSEMBLE_JSON,
+    FEATURES,
     FORMAT,
     FORMAT_VERSION,
     INPUT,
     OUTPUT,
+    TRUNK_FORMAT_VERSION,
     OnnxEnsemble,
     OnnxGraph,
     OnnxModel,
@@ -110,6 +116,17 @@ class _Probs(nn.Module):
         return torch.softmax(self.model(x).float(), 1)
 
 
+class _Features(nn.Module):
+    """``trunk(x).float()``: a shared trunk's output as one graph (no softmax)."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).float()
+
+
 def export_run(run_dir, model: str = "student", fmt: str = "onnx", out=None, *, rows: int = VERIFY_ROWS,
                echo: Callable[[str], None] | None = None) -> Exported:
     """Export ``model`` of the run at ``run_dir`` to ``out`` (default ``RUN_DIR/export``),
@@ -142,10 +159,6 @@ def export_run(run_dir, model: str = "student", fmt: str = "onnx", out=None, *, 
         say(line)
     # Load (and check) the models before anything is written: a missing student or an untrained
     # specialist is refused here.
-    if model == "ensemble" and run.branch is not None:
-        raise SpecialistsError(f"{run.dir}: its specialists share the generalist's trunk (specialists.branch="
-                               f"{run.cfg.specialists.branch}), which the ONNX export does not split yet; export "
-                               "--model generalist or student, or serve the ensemble with the Python API")
     if model == "ensemble":
         ens = SpecialistEnsemble.from_run(run, solver="em")
         if not ens.specialists:
@@ -217,31 +230,41 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _export_graph(net: nn.Module, input_shape: tuple, path: Path, what: str) -> None:
-    """``softmax(net(x))`` -> ``path`` (weights inside the file, or in data files beside it
-    past protobuf's 2 GB limit), float32, eval mode, on the CPU, batch axis dynamic."""
-    wrapper = _Probs(net.eval()).eval()
+def _export_graph(net: nn.Module, input_shape: tuple, path: Path, what: str, output: str = OUTPUT) -> None:
+    """``softmax(net(x))`` (``output`` ``probs``) or a trunk's ``net(x)`` (``output``
+    ``features``) -> ``path`` (weights inside the file, or in data files beside it past
+    protobuf's 2 GB limit), float32, eval mode, on the CPU, batch axis dynamic."""
+    wrapper = (_Probs(net.eval()) if output == OUTPUT else _Features(net.eval())).eval()
     sample = torch.zeros(2, *input_shape)  # batch 2: torch.export would specialize a batch of 1
     try:
         with _quiet_exporter():
             program = torch.onnx.export(wrapper, (sample,), None, dynamo=True, input_names=[INPUT],
-                                        output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},),
                                         verbose=False)
             program.save(str(path))
     except Exception as exc:  # the exporter's own errors: an operator it cannot translate, say
         raise SpecialistsError(f"cannot export the {what} to ONNX ({one_line(exc)})") from None
 
 
-def _graph_entry(run: Run, net: nn.Module, files, name: str, tmp: Path, what: str, arch: str) -> dict:
-    """Export ``net`` to ``tmp/name`` and describe it (see the module doc's ``graph``)."""
+def _graph_entry(run: Run, net: nn.Module, files, name: str, tmp: Path, what: str, arch: str,
+                 input_shape: tuple | None = None, output: str = OUTPUT) -> dict:
+    """Export ``net`` to ``tmp/name`` and describe it (see the module doc's ``graph``);
+    ``input_shape`` (default the data's) without the batch axis; ``output``: ``probs``, or
+    ``features`` for a shared trunk (then ``outputs`` is its feature shape)."""
     before = set(tmp.iterdir())
     path = tmp / name
-    _export_graph(net, tuple(run.data_info()["input_shape"]), path, what)
+    shape = tuple(input_shape or run.data_info()["input_shape"])
+    _export_graph(net, shape, path, what, output)
     data = sorted(set(tmp.iterdir()) - before - {path})  # external data files, if any
-    return {"file": name, "sha256": file_sha256(path),
-            "external_data": [{"file": p.name, "sha256": file_sha256(p)} for p in data],
-            "outputs": int(net.num_classes), "architecture": arch,
-            "weights": run.rel(files.weights), "weights_sha256": file_sha256(files.weights)}
+    entry = {"file": name, "sha256": file_sha256(path),
+             "external_data": [{"file": p.name, "sha256": file_sha256(p)} for p in data],
+             "outputs": int(net.num_classes) if output == OUTPUT else None, "architecture": arch,
+             "weights": run.rel(files.weights), "weights_sha256": file_sha256(files.weights)}
+    if input_shape is not None:  # a part on the trunk's features, or the trunk itself
+        entry["input_shape"] = list(shape)
+    if output != OUTPUT:
+        entry["output"] = output
+    return entry
 
 
 def _common(run: Run, kind: str, model: str, num_outputs: int) -> dict:
@@ -304,13 +327,24 @@ def _export_ensemble(run: Run, ens: SpecialistEnsemble, tmp: Path, raw, x) -> tu
     """``generalist.onnx``, ``specialist_NNN.onnx``, ``ensemble.json`` in ``tmp``, verified."""
     arch = run.cfg.model.name
     meta = _common(run, "ensemble", "ensemble", ens.num_classes)
-    meta["generalist"] = _graph_entry(run, ens.generalist, run.generalist, "generalist.onnx", tmp, "generalist", arch)
+    xn = x.numpy()
+    h, part_shape = x, None  # what the generalist's and the specialists' graphs take
+    if ens.trunk is not None:  # shared trunk: its own graph, run once per batch by the runtime
+        meta["format_version"] = TRUNK_FORMAT_VERSION
+        with torch.no_grad():
+            h = ens.trunk(x).float()
+        part_shape = tuple(h.shape[1:])
+        meta["trunk"] = _graph_entry(run, ens.trunk, run.generalist, "trunk.onnx", tmp, "shared trunk", arch,
+                                     tuple(x.shape[1:]), FEATURES)
+        meta["trunk"]["branch"] = run.cfg.specialists.branch
+    meta["generalist"] = _graph_entry(run, ens.generalist_part, run.generalist, "generalist.onnx", tmp,
+                                      "generalist", arch, part_shape)
     names = ens.class_names
     meta["specialists"] = []
     for sid, net, subset in zip(ens.ids, ens.specialists, ens.subsets):
         classes = subset.tolist()
         entry = _graph_entry(run, net, run.specialist(sid), f"specialist_{sid:03d}.onnx", tmp,
-                             f"specialist {sid}", arch)
+                             f"specialist {sid}", arch, part_shape)
         meta["specialists"].append({"id": sid, "classes": classes, "names": [names[c] for c in classes], **entry})
     meta["routing"] = {"mode": ens.routing, "top_n": ens.top_n}
     meta["combine"] = {"solver": "em", "max_iter": ens.max_iter, "tol": ens.tol}
@@ -319,11 +353,15 @@ def _export_ensemble(run: Run, ens: SpecialistEnsemble, tmp: Path, raw, x) -> tu
 
     # Each graph on its own, on every row (as routing=all would run it), batch and first row.
     diffs = {}
-    xn = x.numpy()
-    for entry, net in zip([meta["generalist"], *meta["specialists"]], [ens.generalist, *ens.specialists]):
+    hn = h.numpy()
+    if ens.trunk is not None:
+        graph = OnnxGraph(tmp, meta["trunk"], _threads(), None, check=True)
+        diffs["trunk.onnx"] = max(_max_diff(graph.run(xn), hn), _max_diff(graph.run(xn[:1]), hn[:1]))
+    for entry, net in zip([meta["generalist"], *meta["specialists"]], [ens.generalist_part, *ens.specialists]):
         graph = OnnxGraph(tmp, entry, _threads(), None, check=True)
-        want = SingleModel(net, ens.info, "cpu").predict_proba(x, normalized=True).numpy()
-        diffs[entry["file"]] = max(_max_diff(graph.run(xn), want), _max_diff(graph.run(xn[:1]), want[:1]))
+        with torch.no_grad():
+            want = torch.softmax(net(h).float(), 1).numpy()
+        diffs[entry["file"]] = max(_max_diff(graph.run(hn), want), _max_diff(graph.run(hn[:1]), want[:1]))
     # The runtime as a whole: routing, the specialists on their rows, the numpy combination.
     served = OnnxEnsemble(tmp, threads=_threads())
     if raw is not None:

@@ -20,8 +20,15 @@ Every graph takes ``input`` (N, *input_shape) float32 with a dynamic batch axis 
 each specialist on the rows that activate it, and combines with
 :mod:`specialists.core.combine_numpy` (the same minimizer as the torch solver).
 
+An ensemble whose specialists share the generalist's trunk (``specialists.branch``; format
+version 2) has a ``trunk.onnx`` (``input`` -> ``features``), run once per batch; its
+generalist's and specialists' graphs take those features instead of the inputs.
+
 Each graph file is checked against the sha256 its JSON records before it is loaded, so a
 folder whose files come from two different exports is refused in one line instead of served.
+The JSON itself is checked against its schema (:func:`schema_problem`) as it is read: a missing
+key, a wrong type or numbers that do not fit one another (a mean of 2 values for 3 channels)
+are one line too.
 This module imports numpy and onnxruntime only (and the project's torch-free modules).
 """
 
@@ -29,21 +36,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from ..core.combine_numpy import combine, membership, route
+from ..core.combine_numpy import ROUTINGS, combine, membership, route
 from ..errors import SpecialistsError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "INPUT", "OUTPUT", "NumpyPreprocessing", "OnnxEnsemble", "OnnxGraph",
+__all__ = ["FEATURES", "FORMAT", "FORMAT_VERSION", "INPUT", "TRUNK_FORMAT_VERSION", "OUTPUT", "NumpyPreprocessing", "OnnxEnsemble", "OnnxGraph",
            "OnnxModel"]
 
 FORMAT = "specialists-onnx"  # the "format" of every JSON an export writes
 FORMAT_VERSION = 1
+# an ensemble whose specialists share the generalist's trunk (``trunk.onnx``, run once per
+# batch): a runtime that knows only version 1 would feed raw inputs to the parts, so it refuses
+TRUNK_FORMAT_VERSION = 2
 INPUT, OUTPUT = "input", "probs"  # every graph's input and output names
+FEATURES = "features"  # a shared trunk's output name
 ENSEMBLE_JSON = "ensemble.json"
 SINGLE_MODELS = ("student", "generalist")  # <model>.json of a single-model export, the folder's choice in this order
 
@@ -67,10 +80,110 @@ def read_export_json(path: Path) -> dict:
         raise SpecialistsError(f"{path}: not a readable export description ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SpecialistsError(f"{path}: not a `specialists export` description (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (FORMAT_VERSION, TRUNK_FORMAT_VERSION):
         raise SpecialistsError(f"{path}: export format version {meta.get('format_version')} is not "
-                               f"{FORMAT_VERSION}: export the run again with this version")
+                               f"{FORMAT_VERSION} or {TRUNK_FORMAT_VERSION}: export the run again with this version")
+    why = schema_problem(meta)
+    if why:
+        raise SpecialistsError(f"{path}: not a valid export description ({why}): export the run again")
     return meta
+
+
+def _int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _numbers(v, n: int | None = None) -> bool:
+    """A list of finite numbers (of length ``n`` when given)."""
+    return (isinstance(v, list) and (n is None or len(v) == n) and
+            all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in v))
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _file_problem(entry, key: str) -> str | None:
+    """Why ``entry`` is not ``{"file": a name in the export's folder, "sha256": hex}``, or None."""
+    if not isinstance(entry, dict):
+        return f"'{key}' must be an object"
+    name = entry.get("file")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        return f"'{key}.file' must be a file name in the export's folder, got {name!r}"
+    if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+        return f"'{key}.sha256' must be a sha256 in hex"
+    return None
+
+
+def _graph_problem(entry, key: str, outputs: int | None) -> str | None:
+    """Why ``entry`` is not a graph of ``outputs`` probabilities (None: a trunk's features; see
+    the export's module doc), or None."""
+    why = _file_problem(entry, key)
+    if why:
+        return why
+    extra = entry.get("external_data")
+    if not isinstance(extra, list):
+        return f"'{key}.external_data' must be a list"
+    for i, d in enumerate(extra):
+        why = _file_problem(d, f"{key}.external_data[{i}]")
+        if why:
+            return why
+    if outputs is not None and entry.get("outputs") != outputs:
+        return f"'{key}.outputs' must be {outputs}, got {entry.get('outputs')!r}"
+    return None
+
+
+def schema_problem(meta: dict) -> str | None:
+    """The first way an export's JSON departs from its schema (the keys serving reads, their
+    types, and that their sizes agree: ``mean``/``std`` one value per channel or feature,
+    ``class_names`` one per class, each graph's ``outputs``), or None when it follows it."""
+    pre = meta.get("preprocessing")
+    if not isinstance(pre, dict):
+        return "no 'preprocessing' object"
+    shape = pre.get("input_shape")
+    if not isinstance(shape, list) or len(shape) not in (1, 3) or not all(_int(s, 1) for s in shape):
+        return f"'preprocessing.input_shape' must be [C, H, W] or [D] of positive integers, got {shape!r}"
+    unit = "channel" if len(shape) == 3 else "feature"
+    if not _numbers([pre.get("scale")]) or pre["scale"] <= 0:
+        return f"'preprocessing.scale' must be a positive number, got {pre.get('scale')!r}"
+    for key in ("mean", "std"):
+        if not _numbers(pre.get(key), shape[0]):
+            return f"'preprocessing.{key}' must be {shape[0]} numbers (one per {unit}), got {pre.get(key)!r}"
+    if min(pre["std"]) <= 0:
+        return "'preprocessing.std' must be positive"
+    num_classes, names = meta.get("num_classes"), meta.get("class_names")
+    if not _int(num_classes, 2):
+        return f"'num_classes' must be an integer >= 2, got {num_classes!r}"
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        return f"'class_names' must be {num_classes} strings"
+    if meta.get("kind") == "model":
+        return _graph_problem(meta.get("graph"), "graph", num_classes)
+    if meta.get("kind") != "ensemble":
+        return f"'kind' must be 'model' or 'ensemble', got {meta.get('kind')!r}"
+    why = (meta.get("trunk") and _graph_problem(meta["trunk"], "trunk", None)) or \
+        _graph_problem(meta.get("generalist"), "generalist", num_classes)
+    if why:
+        return why
+    specs = meta.get("specialists")
+    if not isinstance(specs, list):
+        return "'specialists' must be a list"
+    for i, e in enumerate(specs):
+        key = f"specialists[{i}]"
+        classes = e.get("classes") if isinstance(e, dict) else None
+        if (not isinstance(classes, list) or not classes or not all(_int(c, 0) and c < num_classes for c in classes)
+                or len(set(classes)) != len(classes)):
+            return f"'{key}.classes' must be distinct class ids in 0..{num_classes - 1}"
+        if not _int(e.get("id"), 0):
+            return f"'{key}.id' must be an integer >= 0"
+        why = _graph_problem(e, key, len(classes) + 1)
+        if why:
+            return why
+    routing, comb = meta.get("routing"), meta.get("combine")
+    if not isinstance(routing, dict) or routing.get("mode") not in ROUTINGS or not _int(routing.get("top_n"), 1):
+        return f"'routing' must be {{\"mode\": one of {', '.join(ROUTINGS)}, \"top_n\": an integer >= 1}}"
+    if not isinstance(comb, dict) or not _int(comb.get("max_iter"), 0) or not _numbers([comb.get("tol")]) \
+            or comb["tol"] < 0:
+        return "'combine' must be {\"max_iter\": an integer >= 0, \"tol\": a number >= 0}"
+    return None
 
 
 class NumpyPreprocessing:
@@ -119,13 +232,15 @@ class NumpyPreprocessing:
 
 
 class OnnxGraph:
-    """One graph of an export, described by ``entry`` (a JSON's ``graph``, ``generalist`` or one of
-    its ``specialists``): ``run(x)`` (B, *input_shape) float32 -> (B, outputs) float32."""
+    """One graph of an export, described by ``entry`` (a JSON's ``graph``, ``trunk``,
+    ``generalist`` or one of its ``specialists``): ``run(x)`` (B, *input_shape) float32 ->
+    (B, outputs) float32 probabilities, or a trunk's (B, *features) float32 (``outputs`` None)."""
 
     def __init__(self, folder: Path, entry: dict, threads: int | None, providers: Sequence[str] | None,
                  check: bool):
         self.path = folder / entry["file"]
-        self.outputs = int(entry["outputs"])
+        self.output = entry.get("output", OUTPUT)
+        self.outputs = int(entry["outputs"]) if self.output == OUTPUT else None
         files = [(self.path, entry["sha256"])] + [(folder / d["file"], d["sha256"]) for d in entry["external_data"]]
         for path, sha in files:
             if not path.is_file():
@@ -143,7 +258,7 @@ class OnnxGraph:
             raise SpecialistsError(f"{self.path}: onnxruntime cannot load it ({' '.join(str(exc).split())})") from None
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT], {INPUT: x})[0]
+        return self.session.run([self.output], {INPUT: x})[0]
 
 
 class _Served:
@@ -235,6 +350,8 @@ class OnnxEnsemble(_Served):
             raise SpecialistsError(f"{path}: describes an export of kind '{meta.get('kind')}', not an ensemble")
         super().__init__(meta, batch_size)
         folder = path.parent
+        # shared trunk (specialists.branch): one pass per batch; the parts take its features
+        self.trunk = OnnxGraph(folder, meta["trunk"], threads, providers, check) if meta.get("trunk") else None
         self.generalist = OnnxGraph(folder, meta["generalist"], threads, providers, check)
         entries = meta["specialists"]
         self.ids = [int(e["id"]) for e in entries]
@@ -246,7 +363,10 @@ class OnnxEnsemble(_Served):
 
     def components(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """Normalized batch (B, ...) -> (p_general (B, C), [p_m (B, |S_m| + 1)], active (B, M));
-        rows a specialist did not run on hold zeros (ignored by the combination)."""
+        rows a specialist did not run on hold zeros (ignored by the combination). With a shared
+        trunk, the trunk runs once and the generalist and each specialist take its features."""
+        if self.trunk is not None:
+            x = self.trunk.run(x)
         p_g = self.generalist.run(x)
         active = route(p_g, self.membership, self.top_n, self.routing)
         p_specs = []

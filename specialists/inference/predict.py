@@ -10,11 +10,15 @@ PIL's ``Image.MAX_IMAGE_PIXELS`` (89 million pixels) are refused without being d
 
 Inputs, for a run on images of shape (C, H, W):
 
-- image files PIL reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), converted to the run's
-  channels (RGB or L) and resized (bilinear) to H x W when they differ, with a note;
+- image files PIL reads (PNG, JPEG, BMP, GIF, TIFF, WebP, ...), decoded as training decodes
+  them (16-bit greys scaled to 0..255), converted to the run's channels (RGB or L) and resized
+  (bilinear) to H x W when they differ, with a note;
 - ``.npy`` arrays (loaded with ``allow_pickle=False``) in the data set's raw units (0..255 for
   images): one example (H, W, C), (C, H, W), or (H, W) for one channel, or a batch (N, ...)
   of them; for a run on vectors of D features, (D,) or (N, D).
+
+Inputs far outside the training data (pixels outside 0..255, features far from the training
+mean) are still answered, with one warning on stderr the first time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.preprocess import convert_image
 from ..errors import SpecialistsError, one_line
 from .ensemble import SpecialistEnsemble
 from .predictor import SingleModel, Student
@@ -60,8 +65,7 @@ def _read_image(path: Path, input_shape: tuple) -> tuple[np.ndarray, list[str]]:
             if im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{im.size[0]}x{im.size[1]} pixels")
             im.load()
-            mode = "RGB" if c == 3 else "L"
-            img = im.convert(mode) if im.mode != mode else im.copy()
+            img = convert_image(im, "RGB" if c == 3 else "L")  # as training decodes image files
     except UnidentifiedImageError:
         raise FileError("not an image PIL can read, nor a .npy array") from None
     except Image.DecompressionBombError as exc:

@@ -10,14 +10,15 @@ from .registry import (
     TEXT_MODELS,
     Classifier,
     build_model,
+    check_model,
     check_model_name,
     count_parameters,
     register,
 )
 from .soft_tree import SoftDecisionTree, is_soft_tree
 from .text import PAD_ID  # (importing it also registers the text models)
-from .weights import load_classifier, load_pretrained, read_state_dict
+from .weights import load_classifier, load_pretrained, load_student, read_state_dict
 
-__all__ = ["MODELS", "PAD_ID", "PREFIXES", "TEXT_MODELS", "Classifier", "build_model", "check_model_name",
-           "count_parameters", "declared_preprocessing", "is_soft_tree", "load_classifier", "load_pretrained", "read_state_dict", "register",
+__all__ = ["MODELS", "PAD_ID", "PREFIXES", "TEXT_MODELS", "Classifier", "build_model", "check_model", "check_model_name",
+           "count_parameters", "declared_preprocessing", "is_soft_tree", "load_classifier", "load_pretrained", "load_student", "read_state_dict", "register",
            "SoftDecisionTree"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from .registry import Classifier, register
 
 
@@ -46,7 +47,8 @@ def cnn(cfg, num_classes: int, input_shape: tuple) -> Classifier:
     """Three conv stages (w, 2w, 4w channels), pooling only while the map is >= 4 pixels, so
     8x8 digits, 28x28 characters and 32x32 colour images all work."""
     if len(input_shape) != 3:
-        raise ValueError("model 'cnn' needs image inputs (C, H, W); use 'mlp' for vectors")
+        raise ModelError(f"model 'cnn' needs image inputs (C, H, W), but these are vectors of shape {tuple(input_shape)}; "
+                         "use 'mlp' for vectors")
     c, h, _ = input_shape
     w = cfg.width or 32
     layers: list[nn.Module] = []
@@ -91,10 +93,11 @@ class _ResNetFeatures(nn.Module):
         return self.net(x)
 
 
-def _resnet(layers: list[int], default_width: int):
+def _resnet(name: str, layers: list[int], default_width: int):
     def build(cfg, num_classes: int, input_shape: tuple) -> Classifier:
         if len(input_shape) != 3:
-            raise ValueError("ResNets need image inputs (C, H, W); use 'mlp' for vectors")
+            raise ModelError(f"model '{name}' needs image inputs (C, H, W), but these are vectors of shape "
+                             f"{tuple(input_shape)}; use 'mlp' for vectors")
         width = cfg.width or default_width
         body = _ResNetFeatures(layers, input_shape[0], width)
         return Classifier(body, body.out_dim, num_classes)
@@ -102,7 +105,6 @@ def _resnet(layers: list[int], default_width: int):
     return build
 
 
-register("resnet8")(_resnet([1, 1, 1, 1], 32))
-register("resnet10")(_resnet([1, 1, 1, 1], 64))
-register("resnet18")(_resnet([2, 2, 2, 2], 64))
-register("resnet34")(_resnet([3, 4, 6, 3], 64))
+for _name, _layers, _width in (("resnet8", [1, 1, 1, 1], 32), ("resnet10", [1, 1, 1, 1], 64),
+                               ("resnet18", [2, 2, 2, 2], 64), ("resnet34", [3, 4, 6, 3], 64)):
+    register(_name)(_resnet(_name, _layers, _width))

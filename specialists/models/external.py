@@ -19,7 +19,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import SpecialistsError, one_line
+from ..errors import ModelError, SpecialistsError, one_line
 from .registry import Classifier
 
 
@@ -43,11 +43,12 @@ def resolve(prefix: str, rest: str) -> Callable[[int, tuple], nn.Module]:
     if not module or not fn:
         raise SpecialistsError(f"'python:{rest}' must be python:package.module:function")
     try:
-        factory = getattr(importlib.import_module(module), fn)
-    except ImportError as exc:
-        raise SpecialistsError(f"python:{rest}: cannot import {module} ({one_line(exc)})") from None
-    except AttributeError:
-        raise SpecialistsError(f"python:{rest}: {module} has no '{fn}'") from None
+        imported = importlib.import_module(module)
+    except Exception as exc:  # not found, a syntax error, or its own code raising as it is imported
+        raise SpecialistsError(f"python:{rest}: cannot import {module} ({type(exc).__name__}: {one_line(exc)})") from None
+    factory = getattr(imported, fn, None)
+    if factory is None:
+        raise SpecialistsError(f"python:{rest}: {module} has no '{fn}'")
     if not callable(factory):
         raise SpecialistsError(f"python:{rest}: {module}.{fn} is not callable")
     return factory
@@ -60,7 +61,12 @@ def build(prefix: str, rest: str, num_classes: int, input_shape: tuple) -> Class
     if prefix == "torchvision" and input_shape[0] != 3:
         raise SpecialistsError(f"model {name}: torchvision's models take 3-channel images, these have "
                                f"{input_shape[0]}")
-    module = resolve(prefix, rest)(num_classes, input_shape)
+    factory = resolve(prefix, rest)
+    try:
+        module = factory(num_classes, input_shape)
+    except Exception as exc:  # the factory's own error: the user's code, or a library refusing these inputs
+        raise ModelError(f"model '{name}' raised {type(exc).__name__} when built for {num_classes} classes and "
+                         f"inputs {tuple(input_shape)} ({one_line(exc)})") from None
     if not isinstance(module, nn.Module):
         raise SpecialistsError(f"model {name} returned a {type(module).__name__}, not an nn.Module")
     if prefix == "timm":

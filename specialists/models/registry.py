@@ -21,7 +21,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from ..errors import SpecialistsError
+from ..errors import ModelError, SpecialistsError, one_line
 
 MODELS: Dict[str, Callable] = {}
 TEXT_MODELS: set = set()  # the registered names that read token ids (see specialists.models.text)
@@ -78,13 +78,44 @@ def build_model(model_cfg, num_classes: int, input_shape: tuple, vocab_size: int
     if prefix in PREFIXES:
         return external.build(prefix, name.split(":", 1)[1], num_classes, tuple(input_shape))
     if name not in MODELS:
-        raise ValueError(f"unknown model '{name}' (known: {', '.join(sorted(MODELS))}, or timm:, torchvision:, python:)")
+        raise ModelError(f"unknown model '{name}' (known: {', '.join(sorted(MODELS))}, or timm:, torchvision:, python:)")
     if name in TEXT_MODELS:
         if not text:
             raise SpecialistsError(f"model '{name}' reads text (token ids): the data set must be text "
                                    "(data.name=text or synthetic_text)")
         return MODELS[name](model_cfg, num_classes, tuple(input_shape), int(vocab_size))
     return MODELS[name](model_cfg, num_classes, tuple(input_shape))
+
+
+def check_model(model_cfg, num_classes: int, input_shape: tuple, vocab_size: int | None = None,
+                key: str = "model.name") -> None:
+    """Build the model once, on the CPU, and run it in eval mode on a dummy batch of two inputs of
+    ``input_shape`` (zeros; token ids 1 for text): a model that cannot be built (a factory that
+    raises, a built-in that needs images) or whose layers do not fit the data's inputs is one
+    :class:`ModelError` line naming the config ``key``, the model and the cause, before any
+    work. The global RNG is left as it was (building draws initial weights)."""
+    name = model_cfg.name
+    text = vocab_size is not None
+    what = "token ids" if text else "images" if len(input_shape) == 3 else "vectors"
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            model = build_model(model_cfg, num_classes, input_shape, vocab_size)
+            why = None
+        except SpecialistsError as exc:
+            why = str(exc)
+        except Exception as exc:  # a registered factory's own check (a soft tree's depth, say)
+            why = f"model '{name}' cannot be built ({one_line(exc)})"
+        if why is None:
+            x = torch.ones(2, *input_shape, dtype=torch.int64) if text else torch.zeros(2, *input_shape)
+            try:
+                out = model.eval()(x)
+                if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    why = f"model '{name}' returns {got} for 2 {what}, not (2, {num_classes}) class scores"
+            except Exception as exc:
+                why = f"model '{name}' does not fit the data's {what} of shape {tuple(input_shape)} ({one_line(exc)})"
+    if why:
+        raise ModelError(f"config key '{key}': {why}")
 
 
 def check_model_name(name: str) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.checks import first_non_finite
 from ..errors import SpecialistsError, one_line
 from .registry import Classifier
 
@@ -42,6 +43,9 @@ def read_state_dict(path, what: str) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SpecialistsError(f"{where}: not a state dict (a mapping of parameter names to tensors)")
+    bad = first_non_finite(state)
+    if bad is not None:  # a model started from it trains to NaN, or is NaN outright with epochs=0
+        raise SpecialistsError(f"{where}: tensor '{bad}' holds NaN or infinity (weights must be finite numbers)")
     return state
 
 
@@ -95,3 +99,26 @@ def load_classifier(model: Classifier, path) -> dict:
         raise SpecialistsError(f"generalist.init {path}: does not fit the model ({shown})")
     model.load_state_dict({k: state[k] for k in own})
     return {"path": str(path), "unexpected": sorted(k for k in state if k not in own)}
+
+
+def load_student(model: Classifier, path) -> dict:
+    """Start a student from ``student.model.pretrained``: a safetensors file (the config refuses
+    other suffixes): a trained student's ``model.safetensors``, or a backbone under this
+    project's or the model library's names. Every tensor of the file that the model has must
+    have the model's shape (one line otherwise); the model's tensors the file lacks keep their
+    initialization. Returns the report (path, loaded / missing / unexpected keys)."""
+    state = _ours(model, read_state_dict(path, "student.model.pretrained"))
+    own = model.state_dict()
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if wrong:
+        raise SpecialistsError(f"student.model.pretrained {path}: does not fit the student ({wrong[0]} has shape "
+                               f"{tuple(state[wrong[0]].shape)}, the student's {tuple(own[wrong[0]].shape)})")
+    fits = {k: v for k, v in state.items() if k in own}
+    if not fits:
+        raise SpecialistsError(f"student.model.pretrained {path}: none of its {len(state)} tensors is the student's")
+    model.load_state_dict(fits, strict=False)
+    report = {"path": str(path), "loaded": len(fits), "missing": sorted(k for k in own if k not in fits),
+              "unexpected": sorted(k for k in state if k not in own)}
+    log.info("student.model.pretrained: %d tensors loaded, %d missing, %d unexpected", report["loaded"],
+             len(report["missing"]), len(report["unexpected"]))
+    return report

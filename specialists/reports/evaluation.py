@@ -84,6 +84,12 @@ def render_markdown(evaluation: dict, controls: list[dict] | None = None, fronti
         a = ev["all_routing"]
         lines.append(f"With `all` routing (every specialist on every example): top-1 {pct(a['top1'])} "
                      f"({pts(a['change_vs_generalist'])} vs the generalist, {pts(a['change_vs_routed'])} vs routed).")
+    if ev.get("validation"):
+        v = ev["validation"]
+        lines += ["", f"On the validation split ({v['examples']} examples; where settings are chosen): generalist "
+                  f"{pct(v['generalist']['top1'])}, routed ensemble {pct(v['ensemble']['top1'])} "
+                  f"({pts(v['ensemble']['top1'] - v['generalist']['top1'])}), `all` routing "
+                  f"{pct(v['all_routing']['top1'])}."]
     if ev.get("per_specialist"):
         lines += ["", "## Per specialist", "",
                   "Routed: test examples that activated it; accuracy of the generalist and of the ensemble on them. "

@@ -185,14 +185,16 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
-def read_json(path) -> Any:
+def read_json(path, damaged: str = "") -> Any:
+    """The JSON in ``path``; a missing, unreadable or invalid file is one line (``damaged``: how
+    to recover from an invalid one, added to that line)."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise SpecialistsError(f"missing file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpecialistsError(f"{path}: not valid JSON ({one_line(exc)})") from None
+        raise SpecialistsError(f"{path}: not valid JSON ({one_line(exc)})" + (f"; {damaged}" if damaged else "")) from None
     except OSError as exc:
         raise SpecialistsError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
 

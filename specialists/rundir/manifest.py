@@ -37,6 +37,10 @@ def digest(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+# without the manifest every stage runs again, and finds the models it trained already there
+RECOVER = "remove it and rerun with the run's config.yaml: the stages are recorded anew, reusing the models already trained"
+
+
 def _last_write(folder: Path, since: float) -> float:
     """The newest modification time under ``folder`` after ``since`` (``since`` when none)."""
     times = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
@@ -63,14 +67,20 @@ class Manifest:
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                data = read_json(self.path) if self.path.exists() else {"stages": {}}
+                data = self.read()
                 yield data
                 write_json(self.path, data)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def read(self) -> dict:
-        return read_json(self.path) if self.path.exists() else {"stages": {}}
+        """The records (none before the first); a damaged file is one line saying how to recover."""
+        if not self.path.exists():
+            return {"stages": {}}
+        data = read_json(self.path, damaged=RECOVER)
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+            raise SpecialistsError(f"{self.path}: not a run manifest (no 'stages' object); {RECOVER}")
+        return data
 
     def record(self, stage: str) -> dict | None:
         return self.read()["stages"].get(stage)

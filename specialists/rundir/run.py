@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
+from ..core.checks import first_non_finite
 from ..data import TEXT_LAYOUT, Dataset, build_dataset
 from ..device import resolve_device
 from ..errors import SpecialistsError, one_line
-from ..models import Classifier, build_model, declared_preprocessing
+from ..models import Classifier, build_model, check_model, declared_preprocessing
 from ..models.branch import parse_branch, split, tail_classifier
-from .config import Config, check_class_counts, config_from_yaml_text, to_yaml
+from .config import Config, check_class_counts, config_from_yaml_text, student_model_config, to_yaml
 from .io import file_sha256, load_weights, read_json, save_weights, weights_metadata, write_json, write_text
 from .locks import FileLock
 from .manifest import Manifest
@@ -126,14 +127,18 @@ class Run:
     # --- data --------------------------------------------------------------------------
     @cached_property
     def data(self) -> Dataset:
-        """The data set, loaded and checked (bad data and class counts the config cannot fit
-        are refused here, before any training), and ``data.json`` written or repaired."""
+        """The data set, loaded and checked (bad data, and class counts or models the config cannot
+        fit, are refused here, before any training), and ``data.json`` written or repaired."""
         declared = declared_preprocessing(self.cfg.model)  # a pretrained model's input size and normalization
         ds = build_dataset(self.cfg.data, resolution_hint=declared["input_size"][-1] if declared else None,
                            saved_tokenizer=self._saved_tokenizer())
         if declared and ds.is_image and len(declared["mean"]) == ds.input_shape[0]:
             ds.mean, ds.std = declared["mean"], declared["std"]
         check_class_counts(self.cfg, ds.num_classes)
+        vocab = ds.encoder.vocab_size if ds.is_text else None
+        check_model(self.cfg.model, ds.num_classes, ds.input_shape, vocab)
+        if self.cfg.student.enabled:
+            check_model(student_model_config(self.cfg), ds.num_classes, ds.input_shape, vocab, "student.model.name")
         info = ds.preprocessing()
         if ds.is_text:  # the tokenizer is its own file (a standard tokenizer.json); data.json names it
             text = info.pop("tokenizer")
@@ -383,6 +388,11 @@ class Run:
         return load_weights(path, part).to(self.device).eval()
 
     def save_model(self, path: Path, net: torch.nn.Module, **metadata) -> None:
+        """Save a trained model (every stage's completion step); one holding NaN or infinity is
+        refused in one line, so no stage records a non-finite model as done."""
+        bad = first_non_finite(net.state_dict())
+        if bad is not None:
+            raise SpecialistsError(f"{self.rel(path)}: not saved, its tensor '{bad}' holds NaN or infinity")
         save_weights(path, net, metadata)
 
     def load_subsets(self) -> list[dict]:

@@ -30,6 +30,8 @@ class Stage:
     reports: tuple[Callable, ...]  # rendered (from disk) after it completes
     help: str
     options: tuple[str, ...] = ()  # command-line options it takes (passed to ``run``)
+    # (run, **options): refuses bad options before the attempt is recorded in the manifest
+    check: Callable[..., None] | None = None
     subrun: bool = False  # whether ``run`` takes ``subrun=``, to run stages in a sub-run
     jobs: bool = False  # ``run`` locks each of its independent jobs itself (no stage-wide lock)
     enabled: str | None = None  # a boolean config key; ``specialists run`` skips the stage when false
@@ -47,7 +49,8 @@ STAGES: tuple[Stage, ...] = (
           subsets.find, (render.covariance,), "cluster the covariance of its probabilities into class subsets"),
     Stage("specialists", "train-specialists", SPECIALISTS, "subsets",
           ("specialists", "distill.temperature", "distill.loss"),
-          specialists.train, (), "train one specialist per subset", options=("only",), jobs=True),
+          specialists.train, (), "train one specialist per subset", options=("only",), jobs=True,
+          check=specialists.check_only),
     # render.frontier first: the reports after it name the best control it finds
     Stage("evaluate", "evaluate", EVALUATION, "specialists", ("combine", "evaluate"),
           evaluate.evaluate, (render.evaluation_plots, render.frontier, render.evaluation_report),

@@ -128,6 +128,23 @@ def timing(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, x: to
             "routed_over_all": t_r / t_a if t_a else None}
 
 
+def validation(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble) -> dict | None:
+    """Top-1 and NLL of the generalist, the routed ensemble and ``all`` routing on the
+    validation split (``None`` without one): what a choice of setting (specialists' lr, branch
+    depth, coverage, routing) is made on, so that the test split only reports."""
+    val = run.data.val
+    if len(val) == 0:
+        return None
+    batcher = run.data.batcher(val, run.device)
+    res = ens.predict_over(x for x, _ in batcher.iterate(ens.batch_size))
+    q_all = ens_all.predict_over(x for x, _ in batcher.iterate(ens.batch_size))["ensemble"]
+    out = {"examples": len(val)}
+    for key, q in (("generalist", res["generalist"]), ("ensemble", res["ensemble"]), ("all_routing", q_all)):
+        q = q.cpu()
+        out[key] = {"top1": metrics.accuracy(q, val.y, 1), "nll": metrics.nll(q, val.y)}
+    return out
+
+
 def evaluate(run: Run) -> dict:
     """`specialists evaluate`: the run's ensemble on the test split; writes
     ``evaluation/evaluation.json`` and returns what it holds."""
@@ -153,6 +170,7 @@ def evaluate(run: Run) -> dict:
     ev["all_routing"] = {"top1": all_top1, "top5": metrics.accuracy(q_all, y, 5), "nll": metrics.nll(q_all, y),
                          "change_vs_generalist": all_top1 - ev["generalist"]["top1"],
                          "change_vs_routed": all_top1 - ev["ensemble"]["top1"]}
+    ev["validation"] = validation(run, ens, ens_all)
     ev["timing"] = timing(run, ens, ens_all, x_time)
     ev["cost"] = cost(run, ens, ens_all, x_time, ev["timing"], ev["per_specialist"], unit)
     ev["plots"] = [run.rel(p) for p in run.evaluation_plots]

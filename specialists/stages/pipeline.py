@@ -10,7 +10,8 @@ chains the stages for ``specialists run``. For one stage, in order:
    its own is checked against the size and sha256 recorded when it was written; a missing or
    changed one reopens the stage that made it (its damaged files deleted, the stages after it
    wiped), with one line per file. A stage whose upstream is not done is refused, naming the
-   command to run; a done one is skipped.
+   command to run; its command-line options are checked (the row's ``check``); a done one is
+   skipped.
 3. **data**: the data set is loaded and checked (bad data is refused before any work).
 4. **one writer**: the stage's lock is taken (a stage with independent jobs locks each job
    instead); a second process waits, then finds the stage done and skips it.
@@ -127,6 +128,8 @@ def run_stage(cfg, key: str, *, force: bool = False, **options) -> dict | None:
     guard(run, cfg, force)
     repair(run, key)
     require(run, key)
+    if stage.check is not None:
+        stage.check(run, **options)
     if run.manifest.is_done(key) and not options:
         log.info("stage %s: already complete, skipping", key)
         return None

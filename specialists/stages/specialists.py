@@ -14,6 +14,7 @@ last) is its completion marker, so many jobs can share a run directory.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -37,6 +38,35 @@ log = logging.getLogger("specialists")
 
 FEATURE_EXAMPLES = 2048  # training examples whose generalist features fit the dustbin row
 STREAM_CHUNK = 256  # streamed images are read for them this many at a time
+
+# One process trains many specialists on one generalist (this one, or a Ray worker across its
+# jobs): what depends only on the generalist (its features for the dustbin row, its test
+# logits) or only on the shared trunk (its outputs over the training split) is computed once
+# per process, and forgotten with the model it was computed from.
+_REUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WORKER_GENERALIST: dict = {}  # a Ray worker's generalist and its split, by file (see _generalist)
+
+
+def _reused(model: torch.nn.Module, key: tuple, make):
+    """``make()``, computed once per ``model`` object and ``key``."""
+    per_model = _REUSED.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = make()
+    return per_model[key]
+
+
+def _generalist(run: Run) -> tuple[Classifier, tuple | None]:
+    """The generalist and (with ``specialists.branch``) its (trunk, part), loaded once per
+    process for every job that trains on it (a Ray worker runs many): keyed by the weights
+    file's path, size and modification time, and the branch, so a retrained generalist is
+    loaded again."""
+    st = run.generalist.weights.stat()
+    key = (str(run.generalist.weights.resolve()), st.st_size, st.st_mtime_ns, run.cfg.specialists.branch)
+    if key not in _WORKER_GENERALIST:
+        _WORKER_GENERALIST.clear()  # one generalist held at a time
+        generalist = run.load_generalist()
+        _WORKER_GENERALIST[key] = (generalist, run.split_generalist(generalist) if run.branch is not None else None)
+    return _WORKER_GENERALIST[key]
 
 
 def _features(model: Classifier, batcher, n: int, chunk: int | None = None) -> torch.Tensor:
@@ -77,7 +107,9 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier, sha
     C = ds.num_classes
     train = ds.batcher(ds.train, device)
     mix = MixedBatches(ds.train.y, S, C, scfg.batch_size, scfg.subset_fraction)
-    feats = _features(generalist, train, FEATURE_EXAMPLES, STREAM_CHUNK if ds.storage == "stream" else None)
+    feats = _reused(generalist, ("features", str(run.dir)),
+                    lambda: _features(generalist, train, FEATURE_EXAMPLES,
+                                      STREAM_CHUNK if ds.storage == "stream" else None))
     seed = cfg.seed * 1000 + 17 + sid
     branch, cached = run.branch, False
     if branch is None:  # the whole network
@@ -88,7 +120,8 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier, sha
         spec = make_specialist(part, S.to(device), feats).to(device)
         cached = _cached(run)
         if cached:  # the trunk once per example: an epoch costs the tail and head alone
-            source = TrunkCache(trunk, train, STREAM_CHUNK if ds.storage == "stream" else CHUNK)
+            source = _reused(trunk, ("trunk", str(run.dir)),
+                             lambda: TrunkCache(trunk, train, STREAM_CHUNK if ds.storage == "stream" else CHUNK))
             model, teacher = spec, part
         else:
             model, teacher, source = Branched(trunk, spec), generalist, train
@@ -163,7 +196,7 @@ def specialist_metrics(run: Run, spec: Classifier, generalist: Classifier, S: to
     bs = run.cfg.specialists.eval_batch_size
     test = ds.batcher(ds.test, device)
     z_s = predict_logits(spec, test, bs)
-    z_g = predict_logits(generalist, test, bs)
+    z_g = _reused(generalist, ("test_logits", str(run.dir)), lambda: predict_logits(generalist, test, bs))
     y = ds.test.y
     local = local_labels(y, S, ds.num_classes)
     in_s = local < len(S)
@@ -199,10 +232,20 @@ def specialist_job(run, sid: int, classes: list[int], blocking: bool = True, gen
         if _trained(run, sid):
             log.info("specialist %03d: already trained, skipping", sid)
         else:
-            train_one(run, sid, classes, generalist if generalist is not None else run.load_generalist(), shared)
+            if generalist is None:  # a Ray task: the worker's generalist, loaded by its first job
+                generalist, shared = _generalist(run)
+            train_one(run, sid, classes, generalist, shared)
         return True
     finally:
         lock.release()
+
+
+def check_only(run: Run, only: list[int] | None = None) -> None:
+    """Refuse ``--only`` ids that are not among the run's subsets."""
+    ids = [s["id"] for s in run.load_subsets()]
+    unknown = sorted(set(only or ()) - set(ids))
+    if unknown:
+        raise SpecialistsError(f"--only names specialist(s) {unknown} but the run has ids {ids[0]}..{ids[-1]}")
 
 
 def train(run: Run, only: list[int] | None = None) -> dict:
@@ -214,12 +257,9 @@ def train(run: Run, only: list[int] | None = None) -> dict:
     trained only if that process died without finishing it). With ``launch.executor=ray``
     every unfinished specialist is a Ray task.
     """
+    check_only(run, only)
     subsets = run.load_subsets()
     ids = [s["id"] for s in subsets]
-    if only is not None:
-        unknown = sorted(set(only) - set(ids))
-        if unknown:
-            raise SpecialistsError(f"--only names specialist(s) {unknown} but the run has ids {ids[0]}..{ids[-1]}")
     todo = [s for s in subsets if (only is None or s["id"] in only) and not _trained(run, s["id"])]
     if run.cfg.launch.executor != "local":
         if todo and run.branch is not None:  # a model that cannot be split there: one line, before any job

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,6 +72,7 @@ from ..engine.trainers import (
 )
 from ..errors import SpecialistsError
 from ..inference import SingleModel, SpecialistEnsemble, Student
+from ..models import load_student
 from ..rundir import Run, to_dict
 from ..rundir.config import TREE, student_model_config
 from ..rundir.io import file_sha256, rank0, read_json, write_json, write_npy
@@ -79,9 +81,13 @@ log = logging.getLogger("specialists")
 
 
 def new_student(run: Run, seed: int) -> torch.nn.Module:
-    """A freshly initialized student (seeded: the student and its born-again twin start equal)."""
+    """A new student: seeded initialization, then ``student.model.pretrained`` when set (the
+    student and its born-again twin start equal)."""
     torch.manual_seed(seed)
-    return run.new_model(run.data.num_classes, student_model_config(run.cfg))
+    model = run.new_model(run.data.num_classes, student_model_config(run.cfg))
+    if run.cfg.student.model.pretrained:
+        load_student(model, Path(run.cfg.student.model.pretrained).expanduser())
+    return model
 
 
 def _median_epoch_seconds(history: list[dict]) -> float | None:
@@ -168,9 +174,10 @@ def _raw_inputs(split) -> list:
     return split.x.tolist()
 
 
-def _api_answers(run: Run) -> dict:
+def _api_answers(run: Run, cache_only: bool = False) -> dict:
     """Ask the API teacher about every training input, unlabelled text and test input it has not
-    answered yet (rank 0 alone writes the cache; every rank gets the answers). Returns the
+    answered yet (rank 0 alone writes the cache; every rank gets the answers); ``cache_only``:
+    only read what the cache holds (the student's job, after :func:`distill` asked). Returns the
     inputs and answers of each part: ``{"train"|"unlabelled"|"test": (inputs, probs (n, C),
     answered (n,))}`` and ``"answers"``."""
     st, ds = run.cfg.student, run.data
@@ -182,7 +189,7 @@ def _api_answers(run: Run) -> dict:
     def ask():
         api = TeacherAPI(st.teacher_url, run.teacher_api_cache, ds.num_classes, batch_size=st.query_batch_size,
                          budget=st.query_budget, retries=st.query_retries)
-        return api.query(inputs)
+        return api.query(inputs, ask=not cache_only)
 
     answers = agree(rank0(ask))
     out, start = {"answers": answers}, 0
@@ -196,7 +203,7 @@ def _api_answers(run: Run) -> dict:
 def _api_teacher(run: Run) -> tuple[ApiTeacher, Split]:
     """The API teacher and what its student trains on: the answered training examples (their
     labels kept), then the answered unlabelled texts (label ``UNLABELLED``: soft targets only)."""
-    ds, asked = run.data, _api_answers(run)
+    ds, asked = run.data, _api_answers(run, cache_only=True)  # distill asked (and warned of a spent budget) once
     _, p_train, ok_train = asked["train"]
     texts, p_unl, ok_unl = asked["unlabelled"]
     rows = torch.from_numpy(np.flatnonzero(ok_train))
@@ -307,6 +314,8 @@ def distill(run: Run) -> dict:
     ``launch.executor``), then compare them; writes ``student/metrics.json``."""
     cfg, ds, device = run.cfg, run.data, run.device
     st = cfg.student
+    if st.model.pretrained:  # refuse weights that do not fit the student before any work
+        new_student(run, cfg.seed)
     probs_info = asked = None
     if st.teacher == "probs":  # validate the table before anything is built or written
         probs_info = _probs_teacher(run)[1]
