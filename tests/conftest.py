@@ -26,6 +26,28 @@ TINY = [
 ]
 
 
+def error_line_within(fn, seconds: float = 30.0):
+    """Run ``fn()`` in a daemon thread: the one-line ``SpecialistsError`` it raised, its result,
+    or None while it still runs after ``seconds`` (a hang fails the caller's assertion instead
+    of the whole suite)."""
+    import threading
+
+    from specialists.errors import SpecialistsError
+
+    outcome: list = []
+
+    def call():
+        try:
+            outcome.append(fn())
+        except SpecialistsError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    return None if thread.is_alive() else outcome[0]
+
+
 def tiny_config(run_dir, *extra: str):
     from specialists.rundir.config import load_config
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_config
+from conftest import TINY, error_line_within, tiny_config
 
 from specialists.engine.executors import Job, run_jobs
 from specialists.errors import SpecialistsError
@@ -188,20 +188,9 @@ def test_a_job_larger_than_every_node_is_refused_before_it_is_queued(ray_cluster
     repeating that it cannot fulfil the request."""
     gpus = ray.cluster_resources().get("GPU", 0)
     launch = tiny_config(tmp_path, "launch.executor=ray", f"launch.gpus_per_job={gpus + 1}").launch
-    outcome: list = []
-
-    def submit():
-        try:
-            outcome.append(run_jobs([Job("specialist 000", specialist_job, (to_yaml(tiny_config(tmp_path)), 0, [0]))],
-                                    launch))
-        except SpecialistsError as exc:
-            outcome.append(str(exc))
-
-    thread = threading.Thread(target=submit, daemon=True)
-    thread.start()
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "the job was queued, waiting for GPUs the cluster does not have"
-    (msg,) = outcome
+    msg = error_line_within(lambda: run_jobs([Job("specialist 000", specialist_job,
+                                                  (to_yaml(tiny_config(tmp_path)), 0, [0]))], launch))
+    assert msg is not None, "the job was queued, waiting for GPUs the cluster does not have"
     assert msg.startswith(f"launch.gpus_per_job={gpus + 1:g} but no node") and "GPUs" in msg and "\n" not in msg
 
 

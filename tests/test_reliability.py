@@ -16,14 +16,13 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_config
+from conftest import TINY, error_line_within, tiny_config
 from safetensors.torch import load_file, save_file
 
 from specialists.cli import main
@@ -630,19 +629,8 @@ def test_an_unreachable_ray_address_is_one_line_at_once(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch = tiny_config(tmp_path, "launch.executor=ray", f"launch.address=127.0.0.1:{port}").launch
-    outcome: list = []
-
-    def submit():
-        try:
-            outcome.append(run_jobs([Job("job", print)], launch))
-        except SpecialistsError as exc:
-            outcome.append(str(exc))
-
-    thread = threading.Thread(target=submit, daemon=True)
-    thread.start()
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "still trying to join the cluster"
-    (msg,) = outcome
+    msg = error_line_within(lambda: run_jobs([Job("job", print)], launch))
+    assert msg is not None, "still trying to join the cluster"
     assert msg.startswith(f"launch.address='127.0.0.1:{port}': no Ray cluster answers") and "\n" not in msg
     assert not ray.is_initialized()
 

@@ -4,7 +4,8 @@ Writes ``RUN_DIR/evaluation/evaluation.json``: :func:`~specialists.core.scoring.
 comparison (top-1/top-5/NLL/ECE, conditional accuracy, Hinton's Table 4, McNemar and the
 paired bootstrap, routing statistics), a row per specialist, the same ensemble with ``all``
 routing, and inference time per example of the generalist, the routed and the ``all``-routed
-ensemble. Accuracies are unrounded fractions in [0, 1]; times are seconds.
+ensemble. ``validation`` holds the generalist's, the routed ensemble's and ``all`` routing's
+top-1 and NLL on the validation split: where settings are chosen. Accuracies are unrounded fractions in [0, 1]; times are seconds.
 
 ``cost`` holds what the models cost, counted rather than timed (:mod:`specialists.core.cost`):
 FLOPs per example of the generalist, the routed ensemble and ``all`` routing on the timing
