@@ -13,7 +13,6 @@ examples. (With two threads every figure is the same but the student's: 88.30% a
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,8 @@ def _json(path: Path) -> dict:
 
 def test_quickstart_runs_every_stage_prints_the_table_and_reruns_nothing(tmp_path, capsys):
     d = tmp_path / "run"
-    args = ["run", str(REPO / "configs" / "quickstart.yaml"), f"run_dir={d}", "device=cpu"]
+    # one timing batch: the stages' timings are reported, not asserted here (the suite's time)
+    args = ["run", str(REPO / "configs" / "quickstart.yaml"), f"run_dir={d}", "device=cpu", "evaluate.timing_batches=1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| top-1 |" in out and "Table 4:" in out and "Controls" in out
@@ -54,8 +54,8 @@ def test_quickstart_runs_every_stage_prints_the_table_and_reruns_nothing(tmp_pat
 
     # a second run finds everything done and only prints the summary again
     mtimes = {p: p.stat().st_mtime_ns for p in d.rglob("*.safetensors")}
-    t0 = time.perf_counter()
+    recorded = (d / "manifest.json").read_bytes()
     assert main(args) == 0
-    assert time.perf_counter() - t0 < 20
+    assert (d / "manifest.json").read_bytes() == recorded  # no stage attempted again
     assert "| top-1 |" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in d.rglob("*.safetensors")} == mtimes
