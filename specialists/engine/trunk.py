@@ -26,7 +26,9 @@ class TrunkCache:
     outputs have one shape. Serves ``(h, y, idx)`` batches through ``stream`` like a batcher."""
 
     def __init__(self, trunk: torch.nn.Module, batcher, chunk: int = CHUNK):
-        self.trunk, self.device, self.n, self.y = trunk, batcher.device, batcher.n, batcher.y
+        # no reference to the trunk kept: a process reuses the cache for as long as the trunk lives
+        # (a weak map keyed by the trunk), which a reference from here would make forever
+        self.device, self.n, self.y = batcher.device, batcher.n, batcher.y
         width = batcher.x.shape[1] if getattr(batcher, "lengths", None) is not None else None
         parts = []
         trunk.eval()

@@ -130,7 +130,7 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier, sha
                   steps_per_epoch=mix.steps, step=step, seed=seed, desc=f"specialist {sid:03d} (|S|={len(S)})",
                   sync_bn=cfg.train.sync_bn)
     samples = len(history) * mix.samples_per_epoch
-    flops = _train_flops(run, model, source, S, samples)
+    flops = _train_flops(run, model, source, S, samples, trunk if cached else None)
     if branch is not None:
         spec = Branched(trunk, spec)  # evaluated on inputs from here on
     # --- dustbin correction (undo the oversampling of S) --------------------------------
@@ -171,9 +171,9 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier, sha
     return result
 
 
-def _train_flops(run: Run, model, source, S: torch.Tensor, samples: int) -> float:
-    """FLOPs per training sample of ``model`` on its batches (``source``: inputs, or a trunk
-    cache whose one pass over the split is spread over the ``samples`` trained on)."""
+def _train_flops(run: Run, model, source, S: torch.Tensor, samples: int, trunk=None) -> float:
+    """FLOPs per training sample of ``model`` on its batches (``source``: inputs, or the cache of
+    ``trunk``'s outputs, whose one pass over the split is spread over the ``samples`` trained on)."""
     idx = torch.arange(min(FLOPS_BATCH, source.n))
     x, y = source.batch(idx)[:2]
     was = model.training
@@ -182,9 +182,9 @@ def _train_flops(run: Run, model, source, S: torch.Tensor, samples: int) -> floa
         per = training_flops_per_example(model, x, _local_loss(S.to(y.device), run.data.num_classes, y))
     finally:
         model.train(was)
-    if isinstance(source, TrunkCache):
+    if trunk is not None:
         x0 = run.data.batcher(run.data.train, run.device).batch(idx)[0]
-        per += inference_flops(source.trunk, x0) * source.n / max(1, samples)
+        per += inference_flops(trunk, x0) * source.n / max(1, samples)
     return per
 
 
