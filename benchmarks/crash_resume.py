@@ -20,6 +20,7 @@ status 1 when any artifact differs or a run failed.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import queue
@@ -40,7 +41,7 @@ STAGES = ("generalist", "subsets", "specialists", "evaluate", "ablate", "student
 TIMES = {"seconds", "started", "finished", "attempts", "timing", "train_seconds_per_epoch",
          "generalist_train_seconds_per_epoch", "train_time_ratio_vs_generalist", "inference_seconds_per_example",
          "inference_ratio_vs_ensemble", "seconds_per_example", "artifacts", "reports", "shared_from",
-         "time_ratio", "all_time_ratio", "inference_ms"}  # evaluation.json's cost, frontier.json: measured times
+         "time_ratio", "all_time_ratio", "inference_ms", "samples_per_s"}  # evaluation.json's cost, frontier.json: measured times
 
 
 def command(run_dir: Path, config: str, overrides: list[str]) -> list[str]:
@@ -121,7 +122,7 @@ def compare(ref: Path, other: Path) -> list[str]:
     bad = []
     for p in sorted(ref.rglob("*")):
         rel = p.relative_to(ref)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts) or p.suffix in (".md", ".png", ".lock"):
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts) or p.suffix in (".md", ".png", ".lock", ".html"):
             continue
         if p.name in ("state.pt", "config.yaml"):
             continue
@@ -131,9 +132,17 @@ def compare(ref: Path, other: Path) -> list[str]:
         elif p.suffix == ".json":
             if _strip(json.loads(p.read_text())) != _strip(json.loads(q.read_text())):
                 bad.append(f"{rel}: differs")
+        elif p.suffix == ".csv":  # history.csv, summary.csv: every column but the times
+            if _csv_rows(p) != _csv_rows(q):
+                bad.append(f"{rel}: differs")
         elif p.read_bytes() != q.read_bytes():
             bad.append(f"{rel}: differs")
     return bad
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [_strip(row) for row in csv.DictReader(f)]
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ def measure(args) -> None:
     """One storage, in this (fresh) process: images/s of the second epoch, and peak RSS."""
     import torch
 
-    from specialists.data import EpochBatches, build_dataset, seeded_batches
+    from specialists.data import EpochBatches, batcher_for, build_dataset, seeded_batches
     from specialists.rundir.config import DataConfig
 
     torch.set_num_threads(1)
@@ -50,7 +50,7 @@ def measure(args) -> None:
     ds = build_dataset(DataConfig(name="imagefolder", path=args.dir, storage=args.storage, workers=args.workers,
                                   augment="crop_flip", crop_padding=4))
     built = time.perf_counter() - t0
-    batcher = ds.batcher(ds.train, "cpu")
+    batcher = batcher_for(ds, ds.train, "cpu")
     sampler = EpochBatches(len(ds.train), args.batch)
     batches = seeded_batches(batcher, sampler, seed=0)
     rates = []

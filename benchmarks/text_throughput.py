@@ -30,7 +30,7 @@ import torch
 from _common import device_name  # benchmarks/_common.py (the script's folder is on sys.path)
 from omegaconf import OmegaConf
 
-from specialists.data import EpochBatches
+from specialists.data import EpochBatches, batcher_for
 from specialists.device import DEVICES
 from specialists.engine.timing import seconds_per_example, timing_rows
 from specialists.engine.trainers import train_classifier
@@ -110,7 +110,7 @@ def main() -> None:
                                                       "depth": None})
                 students[f"{name} student"] = SingleModel(run.new_model(model_cfg=cfg).eval(), run.data_info(), device)
         rows = timing_rows(len(ds.test), min(args.timing_examples, len(ds.test)))
-        x = ds.batcher(ds.test, device).batch(rows)[0]
+        x = batcher_for(ds, ds.test, device).batch(rows)[0]
         fns = {"routed ensemble": ens.proba, **{k: s.proba for k, s in students.items()}}
         secs = seconds_per_example(fns, x, args.batch_size)
         params = {"routed ensemble": count_parameters(ens.generalist) + sum(map(count_parameters, ens.specialists)),

@@ -1,5 +1,6 @@
 """The ``specialists`` command, built from the stage table: one verb per stage, ``run`` for
-all of them, ``predict`` for inference on files, ``export`` for ONNX graphs of a run.
+all of them, ``predict`` for inference on files, ``export`` for ONNX graphs of a run, ``report``
+for the run on one HTML page.
 
 A user error (bad config, missing file, missing stage) prints one line and exits with 2.
 """
@@ -23,6 +24,8 @@ def _usage() -> str:
     lines.append("  specialists predict RUN_DIR [FILE ...] [--text TEXT ...] [--model ensemble|student|generalist] [--explain]")
     lines.append("  specialists export RUN_DIR [--model student|generalist|ensemble] [--format onnx] [--out DIR]    "
                  "ONNX graphs + what serving needs, verified against PyTorch")
+    lines.append("  specialists report RUN_DIR [--out FILE]    the run on one self-contained HTML page "
+                 "(default RUN_DIR/report.html)")
     return "\n".join(lines)
 
 
@@ -73,6 +76,7 @@ def stage_main(verb: str, argv: list[str] | None = None) -> int:
 
 def _run_verb(stage, args) -> int:
     from .device import close_distributed, init_distributed, is_main
+    from .reports.page import write_page
     from .reports.render import run_summary
     from .rundir import Run, load_config
     from .stages.pipeline import run_all, run_stage
@@ -82,8 +86,15 @@ def _run_verb(stage, args) -> int:
         logging.getLogger("specialists").setLevel(logging.WARNING)
     if stage is None:  # `run`
         run_all(cfg, force=args.force)
+        try:  # on every rank: the write itself is rank 0's (rundir.io.rank0)
+            page = write_page(Run(cfg))
+        except SpecialistsError as exc:  # the stages are done: a page it cannot write is a warning
+            logging.getLogger("specialists").warning("the run's page was not written: %s", exc)
+            page = None
         if is_main():
             print(run_summary(Run(cfg)))
+            if page is not None:
+                print(f"\nThe run on one page: {page}")
         close_distributed()
         return 0
     options = {name: OPTIONS[name][1](getattr(args, name)) for name in stage.options
@@ -155,11 +166,27 @@ def export_main(argv: list[str] | None = None) -> int:
     return _guard(go)
 
 
+def report_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="specialists report",
+                                description="write a run's results on one self-contained HTML page")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the HTML file to write (default RUN_DIR/report.html)")
+    args = p.parse_args(argv)
+    setup_logging()
+
+    def go():
+        from .reports.page import write_page
+
+        print(f"wrote {write_page(args.run_dir, args.out)}")
+
+    return _guard(go)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .stages import BY_VERB
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbs = ["run", *BY_VERB, "predict", "export"]
+    verbs = ["run", *BY_VERB, "predict", "export", "report"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
         print(_usage(), file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
@@ -171,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return predict_main(rest)
     if verb == "export":
         return export_main(rest)
+    if verb == "report":
+        return report_main(rest)
     return stage_main(verb, rest)
 
 

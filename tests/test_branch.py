@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from specialists.core.combine import combine
 from specialists.core.heads import make_specialist
+from specialists.data import batcher_for
 from specialists.errors import ConfigError, SpecialistsError
 from specialists.inference import SpecialistEnsemble
 from specialists.models import build_model
@@ -141,7 +142,7 @@ def _by_hand(run, x, sids):
 def test_routed_ensemble_with_a_shared_trunk_equals_the_composition_by_hand(branched_run):
     run = Run(branched_run)
     ens = SpecialistEnsemble.from_run(run, specialists=[0, 1], verify=False)
-    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(40))[0]
+    x = batcher_for(run.data, run.data.test, run.device).batch(torch.arange(40))[0]
     p_g, want = _by_hand(run, x, (0, 1))
     torch.testing.assert_close(ens.proba(x), want, rtol=0, atol=1e-6)
     torch.testing.assert_close(ens.components(x)[0], p_g, rtol=0, atol=1e-6)
@@ -171,7 +172,7 @@ def test_the_exported_shared_trunk_ensemble_serves_the_composition_by_hand(branc
     export_run(branched_run.run_dir, model="ensemble", out=tmp_path)
     served = OnnxEnsemble(tmp_path)
     assert served.meta["format_version"] == 2 and (tmp_path / "trunk.onnx").is_file()
-    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(40))[0]
+    x = batcher_for(run.data, run.data.test, run.device).batch(torch.arange(40))[0]
     h_shape = served.trunk.run(x[:2].numpy()).shape[1:]
     # each specialist's graph takes the trunk's features, not the image: it holds no trunk
     for graph in [served.generalist, *served.specialists]:

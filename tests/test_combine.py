@@ -1,12 +1,14 @@
-"""Tests for specialists.combine: the EM / closed-form combiners against independent references
-(Hinton's gradient descent on softmax logits, scipy's SLSQP on the simplex, a brute-force grid,
-hand-computed numbers), plus the invariants every solver must keep (simplex, no NaN, p_g bit for
-bit without active specialists)."""
+"""Tests for specialists.combine: the EM combiner against independent references (Hinton's
+gradient descent on softmax logits, scipy's SLSQP on the simplex, a brute-force grid, the closed
+form for one specialist written out here in float64, hand-computed numbers), plus the
+invariants every solver must keep (simplex, no NaN, p_g bit for bit without active
+specialists), and routing's tie rule, shared with the torch-free twin."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,9 +16,12 @@ from specialists.combine import (
     SOLVERS,
     CombineInputError,
     combine,
+    membership,
     objective,
     prepare_subsets,
+    route,
 )
+from specialists.core import combine_numpy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny problems, one thread
 
@@ -81,21 +86,20 @@ def _assert_simplex(q, atol):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_em_and_closed_form_match_gradient_reference(shape):
+def test_em_matches_gradient_reference(shape):
     B = 6  # active counts 0, 1, 2, 3, 0, 1 (fewer with M < 3); the reference is slow
     pg, subsets, ps, act = make_problem(B, **shape, seed=shape["C"] + shape["M"])
     q_grad = combine(pg, subsets, ps, act, solver="gradient", tol=1e-7)
     L_grad = objective(q_grad, pg, subsets, ps, act)
-    for solver in ("em", "closed_form"):
-        q = combine(pg, subsets, ps, act, solver=solver, tol=1e-10, max_iter=2000)
-        L = objective(q, pg, subsets, ps, act)
-        # Same minimum: relative 1e-5 (absolute 1e-10 for L ~ 0), and EM is never worse.
-        torch.testing.assert_close(L, L_grad, rtol=1e-5, atol=1e-10)
-        assert (L <= L_grad + 1e-10).all()
-        # Same argmax (robust to exact ties: the gradient's argmax is also maximal in q).
-        top = q_grad.argmax(1)
-        assert (q.gather(1, top[:, None]).squeeze(1) >= q.amax(1) - 1e-7).all()
-        torch.testing.assert_close(q, q_grad, atol=1e-5, rtol=0)
+    q = combine(pg, subsets, ps, act, solver="em", tol=1e-10, max_iter=2000)
+    L = objective(q, pg, subsets, ps, act)
+    # Same minimum: relative 1e-5 (absolute 1e-10 for L ~ 0), and EM is never worse.
+    torch.testing.assert_close(L, L_grad, rtol=1e-5, atol=1e-10)
+    assert (L <= L_grad + 1e-10).all()
+    # Same argmax (robust to exact ties: the gradient's argmax is also maximal in q).
+    top = q_grad.argmax(1)
+    assert (q.gather(1, top[:, None]).squeeze(1) >= q.amax(1) - 1e-7).all()
+    torch.testing.assert_close(q, q_grad, atol=1e-5, rtol=0)
 
 
 def test_gradient_solver_works_under_inference_mode():
@@ -179,7 +183,7 @@ def test_three_classes_against_scipy_and_grid(case):
 # ----------------------------------------------------------------------------- hand computed
 
 
-def test_closed_form_hand_computed():
+def test_one_specialist_hand_computed():
     # S = {0, 1}; P_g(not S) = 0.3, dust = 0.2:
     # q_S = ((.4+.5)/2, (.3+.3)/2) = (.45, .3); off S: p_g,i (.3 + .2) / (2 * .3).
     pg = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=F64)
@@ -187,10 +191,12 @@ def test_closed_form_hand_computed():
     ps = [torch.tensor([[0.5, 0.3, 0.2]], dtype=F64)]
     act = torch.ones(1, 1, dtype=torch.bool)
     want = torch.tensor([[0.45, 0.3, 0.2 * 0.5 / 0.6, 0.1 * 0.5 / 0.6]], dtype=F64)
-    for solver in ("closed_form", "em"):
-        q, info = combine(pg, subsets, ps, act, solver=solver, return_info=True)
-        torch.testing.assert_close(q, want, atol=1e-15, rtol=0)
-        assert info["iterations"] == 0  # exact, no iterations
+    q, info = combine(pg, subsets, ps, act, solver="em", return_info=True)
+    torch.testing.assert_close(q, want, atol=1e-15, rtol=0)
+    assert info["iterations"] == 0  # exact, no iterations
+    # EM iterated from its start (not the closed form) reaches the same hand-computed point.
+    q_it = combine(pg, subsets, ps, act, tol=1e-14, max_iter=5000, single_closed_form=False)
+    torch.testing.assert_close(q_it, want, atol=1e-11, rtol=0)
 
 
 def test_closed_form_when_generalist_is_sure_outside_nothing():
@@ -200,7 +206,7 @@ def test_closed_form_when_generalist_is_sure_outside_nothing():
     subsets = [torch.tensor([0, 1])]
     ps = [torch.tensor([[0.5, 0.3, 0.2]], dtype=F64)]
     act = torch.ones(1, 1, dtype=torch.bool)
-    q = combine(pg, subsets, ps, act, solver="closed_form")
+    q = combine(pg, subsets, ps, act, solver="em")
     torch.testing.assert_close(q, torch.tensor([[0.55, 0.35, 0.05, 0.05]], dtype=F64), atol=1e-15, rtol=0)
     # Any other split of the off-S mass has the same L, and moving mass across S does worse.
     L = objective(q, pg, subsets, ps, act)
@@ -247,14 +253,39 @@ def test_em_never_raises_objective(shape):
         prev = L
 
 
-def test_one_active_em_iterates_to_the_closed_form():
+def _one_specialist_reference(pg, subsets, ps, act):
+    """The minimizer with at most one active specialist, written out row by row in float64
+    (Hinton et al.'s closed form): q_S = (p_g,S + p_m,S) / 2, and off S the rest
+    P_g(not S) + p_m,dust shared in proportion to p_g, all over 2; p_g itself with none."""
+    want = pg.clone()
+    for b in range(pg.shape[0]):
+        on = torch.nonzero(act[b]).flatten().tolist()
+        assert len(on) <= 1
+        if not on:
+            continue
+        m = on[0]
+        S = subsets[m].tolist()
+        off = [i for i in range(pg.shape[1]) if i not in S]
+        p_rest = sum(float(pg[b, i]) for i in off)
+        dust = float(ps[m][b, -1])
+        for j, c in enumerate(S):
+            want[b, c] = (float(pg[b, c]) + float(ps[m][b, j])) / 2
+        for i in off:
+            want[b, i] = float(pg[b, i]) * (p_rest + dust) / (2 * p_rest)
+    return want
+
+
+def test_one_active_specialist_against_the_closed_form_reference():
     pg, subsets, ps, act = make_problem(24, C=20, M=5, size=8, overlap=True, seed=3, kmax=1)
-    q_cf = combine(pg, subsets, ps, act, solver="closed_form")
-    q_em = combine(pg, subsets, ps, act, solver="em")
-    assert torch.equal(q_em, q_cf)  # em uses the closed form for one active specialist
+    assert set(act.sum(1).tolist()) == {0, 1}
+    want = _one_specialist_reference(pg, subsets, ps, act)
+    q_em, info = combine(pg, subsets, ps, act, solver="em", return_info=True)
+    torch.testing.assert_close(q_em, want, atol=1e-15, rtol=0)  # exact: no iterations
+    assert (info["iterations_per_example"] == 0).all()
+    # EM iterated from its start reaches the same point.
     q_it, info = combine(pg, subsets, ps, act, tol=1e-13, max_iter=5000, single_closed_form=False, return_info=True)
     assert info["converged"].all()
-    torch.testing.assert_close(q_it, q_cf, atol=1e-10, rtol=0)
+    torch.testing.assert_close(q_it, want, atol=1e-10, rtol=0)
 
 
 def test_info_reports_iterations():
@@ -360,11 +391,13 @@ def test_prepared_subset_table_gives_the_same_result():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     pg, subsets, ps, act = make_problem(32, C=60, M=6, size=25, overlap=True, seed=9)
-    for solver in ("em", "closed_form"):
-        q_cpu = combine(pg, subsets, ps, act, solver=solver, tol=1e-10)
-        q_gpu = combine(pg.cuda(), [s.cuda() for s in subsets], [p.cuda() for p in ps], act.cuda(), solver=solver, tol=1e-10)
-        assert q_gpu.device.type == "cuda"
-        torch.testing.assert_close(q_gpu.cpu(), q_cpu, atol=1e-9, rtol=0)
+    q_cpu = combine(pg, subsets, ps, act, solver="em", tol=1e-10)
+    q_gpu = combine(pg.cuda(), [s.cuda() for s in subsets], [p.cuda() for p in ps], act.cuda(), solver="em", tol=1e-10)
+    assert q_gpu.device.type == "cuda"
+    torch.testing.assert_close(q_gpu.cpu(), q_cpu, atol=1e-9, rtol=0)
+    # and both reach the float64 reference's minimum
+    L_ref = objective(combine(pg, subsets, ps, act, solver="gradient", tol=1e-7), pg, subsets, ps, act)
+    torch.testing.assert_close(objective(q_gpu.cpu(), pg, subsets, ps, act), L_ref, rtol=1e-5, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -374,6 +407,8 @@ def test_validation_errors():
     pg, subsets, ps, act = make_problem(4, C=5, M=2, size=2, overlap=False, seed=0)
     with pytest.raises(ValueError, match="unknown solver"):
         combine(pg, subsets, ps, act, solver="newton")
+    with pytest.raises(ValueError, match="unknown solver 'closed_form'; choose one of em"):
+        combine(pg, subsets, ps, act, solver="closed_form")  # removed: it ran EM's code path
     with pytest.raises(ValueError, match="len\\(p_specialists\\)"):
         combine(pg, subsets, ps[:1], act)
     with pytest.raises(ValueError, match="active must be a \\(B, M\\)"):
@@ -411,3 +446,47 @@ def test_row_chunks_give_the_same_result(monkeypatch):
     chunked, info_c = combine(pg, subsets, ps, act, return_info=True)
     torch.testing.assert_close(chunked, whole, atol=1e-15, rtol=0)
     assert torch.equal(info["iterations_per_example"], info_c["iterations_per_example"])
+
+
+def test_config_refuses_the_removed_closed_form_solver_naming_em(tmp_path):
+    from specialists.errors import ConfigError
+    from specialists.rundir.config import load_config
+
+    with pytest.raises(ConfigError, match="combine.solver.*closed_form.*em") as info:
+        load_config(None, [f"run_dir={tmp_path}", "combine.solver=closed_form"])
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- routing ties
+
+
+def test_routing_breaks_exact_ties_by_class_id_in_torch_and_numpy():
+    """A saturated generalist gives exact ties; with top_n = 2 the torch route (the PyTorch
+    ensemble) and the numpy route (the ONNX runtime) must pick the same specialists: the
+    lowest class ids among equal probabilities."""
+    subsets = [[0], [1], [2], [3], [4, 5]]
+    pg = np.array([
+        [0.25, 0.25, 0.25, 0.25, 0.0, 0.0],  # four-way tie: classes 0, 1
+        [0.1, 0.3, 0.3, 0.3, 0.0, 0.0],  # tie after the top: classes 1, 2
+        [0.0, 0.0, 0.0, 0.5, 0.25, 0.25],  # 3 first, then the 4/5 tie: 4
+        [0.0, 0.0, 0.0, 0.0, 0.5, 0.5],  # both top classes are in subset 4, the zeros' tie never reached
+    ])
+    # By hand: row r's specialists are those holding its two lowest-id most probable classes.
+    want = np.array([
+        [True, True, False, False, False],
+        [False, True, True, False, False],
+        [False, False, False, True, True],
+        [False, False, False, False, True],
+    ])
+    for dtype in (torch.float32, torch.float64):
+        got_torch = route(torch.tensor(pg, dtype=dtype), membership(subsets, 6), top_n=2).numpy()
+        np.testing.assert_array_equal(got_torch, want)
+    got_numpy = combine_numpy.route(pg, combine_numpy.membership(subsets, 6), top_n=2)
+    np.testing.assert_array_equal(got_numpy, want)
+    # a wide tie (200 classes, as a saturated generalist over many classes gives): the first ids
+    wide = np.full((3, 200), 1 / 200)
+    single = [[c] for c in range(200)]
+    want_wide = np.zeros((3, 200), dtype=bool)
+    want_wide[:, :3] = True
+    np.testing.assert_array_equal(route(torch.tensor(wide), membership(single, 200), top_n=3).numpy(), want_wide)
+    np.testing.assert_array_equal(combine_numpy.route(wide, combine_numpy.membership(single, 200), top_n=3), want_wide)

@@ -8,9 +8,11 @@ and for a sample also from ``load_config`` (a :class:`ConfigError` whose message
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 from specialists.cli import main
 from specialists.errors import ConfigError
@@ -224,3 +226,138 @@ def test_the_shipped_configs_are_valid(tmp_path):
                 raise
             cfg = load_config(path, [f"data.path={tmp_path}"])
         assert cfg.run_dir, path
+
+
+# ------------------------------------------- every declared constraint, swept with invalid values
+
+
+def invalid_texts(rule) -> list[str]:
+    """Override texts no value of ``rule`` may take (scikit-learn's ``generate_invalid_param_val``),
+    derived from its declared parameters alone: just past each finite bound of an Interval (the
+    next float, the next whole number, the bound itself when it is open) and a value of the
+    wrong type; a string among no Options; a path no file is at; ... Plain types and null: the
+    schema's types refuse the rest."""
+    from specialists.rundir.constraints import Each, File, Interval, NonEmpty, Options, Parsed, Prefix
+
+    if isinstance(rule, Interval):
+        out = ["1.5" if rule.kind is int else "abc"]
+        for bound, closed, away in ((rule.lo, rule.closed in ("both", "left"), -math.inf),
+                                    (rule.hi, rule.closed in ("both", "right"), math.inf)):
+            if bound is None:
+                continue
+            if not closed:
+                out.append(repr(bound))
+            else:
+                out.append(repr(bound + (1 if away > 0 else -1)) if rule.kind is int else repr(math.nextafter(bound, away)))
+        return out
+    if isinstance(rule, (Options, Parsed)):
+        assert "not-an-option" not in list(getattr(rule, "choices", ()))
+        return ["not-an-option"]
+    if isinstance(rule, Prefix):
+        # a name the machine cannot resolve: a module nowhere (python:, as timm: would import timm, seconds)
+        return ["not-a-prefix:x"] + (["python:no_such_module_sweep:f"] if rule.resolve and "python:" in rule.prefixes
+                                     else [])
+    if isinstance(rule, File):
+        return [f"/nonexistent/specialists-sweep{rule.suffix or ''}"] + (["/tmp/x.not" + rule.suffix] if rule.suffix else [])
+    if isinstance(rule, Each):
+        return [f"[{t}]" for t in invalid_texts(rule.item)]
+    if isinstance(rule, NonEmpty):
+        return ["''"]
+    assert rule is None or isinstance(rule, type), f"the sweep does not know {type(rule).__name__}: add it here"
+    return []
+
+
+def test_every_declared_constraint_refuses_values_outside_it_in_one_line():
+    """Each setting's declared constraints (inherited ones included: specialists.lr is
+    TrainConfig's) against values just outside them: exactly one ConfigError line naming the key,
+    from the same merge, validation and machine checks ``load_config`` runs."""
+    from omegaconf import OmegaConf
+
+    from specialists.rundir.config import Config, apply_overrides, check_environment, validate
+    from specialists.rundir.constraints import declared, sections
+
+    base = load_config(None, ["run_dir=/tmp/unused"])
+    swept = set()
+    for prefix, cls in sections(Config):
+        for name, rules in declared(cls).items():
+            key = prefix + name
+            if isinstance(OmegaConf.select(base, key), DictConfig):
+                continue
+            for text in [t for rule in rules for t in invalid_texts(rule)]:
+                before = OmegaConf.select(base, key)
+                before = OmegaConf.to_container(before) if OmegaConf.is_config(before) else before
+                with pytest.raises(ConfigError) as info:
+                    apply_overrides(base, [f"{key}={text}"])
+                    validate(base)
+                    check_environment(base)
+                msg = str(info.value)
+                assert "\n" not in msg and (f"'{key}'" in msg or f"'{key}[" in msg), (key, text, msg)
+                OmegaConf.update(base, key, before, merge=False)  # back to the valid base for the next key
+                swept.add(key)
+    validate(base)  # restored: every refusal above was that value's own
+    # an independent list of keys with bounds: each must have been swept (a declaration that
+    # went missing, or a section the walk skips, shows here)
+    assert {"seed", "data.split_seed", "ablate.seed", "generalist.lr", "specialists.lr", "student.lr",
+            "student.tree.penalty", "student.model.dropout", "launch.dist_timeout", "data.max_length",
+            "combine.tol", "ablate.counts", "run_dir", "device", "data.name", "model.name", "student.model.name",
+            "model.pretrained", "student.model.pretrained", "generalist.init", "specialists.branch",
+            "data.tokenizer", "student.teacher_url"} <= swept
+
+
+def test_interval_and_options_by_hand():
+    from specialists.rundir.constraints import Interval, Options, message
+
+    half_open = Interval(float, 0, 1, "right")
+    assert [half_open.ok(v) for v in (0, 1e-300, 0.5, 1, 1.0 + 1e-15, True, "0.5")] == [
+        False, True, True, True, False, False, False]
+    whole = Interval(int, 1)
+    assert [whole.ok(v) for v in (0, 1, 10**30, 1.0, False)] == [False, True, True, False, False]
+    assert (str(half_open), str(whole), str(Interval(float, hi=2, closed="neither"))) == ("in (0, 1]", ">= 1", "< 2")
+    registry = {"b": 1, "a": 2}
+    opts = Options(registry)
+    registry["c"] = 3  # a plug-in registered later is a valid choice too
+    assert opts.ok("c") and not opts.ok("d") and str(opts) == "one of a, b, c"
+    assert message(0, [None, whole]) == "0 is not >= 1"
+    assert message("x", [opts, Interval(int, 0, 3, note="steps")]) == "'x' is not one of a, b, c nor in [0, 3] (steps)"
+
+
+def test_a_subsection_inherits_its_parents_constraints_and_may_override_them():
+    from specialists.rundir.config import GeneralistConfig, SpecialistsConfig, TrainConfig
+    from specialists.rundir.constraints import Interval, declared
+
+    assert declared(GeneralistConfig)["lr"] is declared(TrainConfig)["lr"] and "init" in declared(GeneralistConfig)
+    assert "init" not in declared(SpecialistsConfig)
+
+    class Tighter(TrainConfig):
+        _constraints = {"lr": [Interval(float, 0, 1)]}
+
+    assert str(declared(Tighter)["lr"][0]) == "in [0, 1]" and declared(Tighter)["epochs"] == declared(TrainConfig)["epochs"]
+
+
+# ------------------------------------------ the machine's checks: once, in the process that starts the work
+
+
+def test_the_machine_is_checked_by_the_driver_only(tmp_path, monkeypatch):
+    """A missing file is one line from ``load_config`` (the CLI's and the Python API's entry),
+    but not in a torchrun rank other than 0 (rank 0 checks for all), nor where a run's saved
+    config is reopened (a Ray worker's ``as_run``, inference): there the file is not needed,
+    or its reader says so in one line."""
+    from specialists.engine.executors import as_run
+    from specialists.rundir.config import config_from_yaml_text, to_yaml
+
+    missing = [f"run_dir={tmp_path}", f"model.pretrained={tmp_path / 'nope.pt'}", "model.name=python:no_such_mod:f"]
+    with pytest.raises(ConfigError, match="'model.name'"):
+        load_config(None, missing)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cfg = load_config(None, missing)  # rank 1: rank 0 checked it
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="'model.name'"):
+        load_config(None, missing)
+    with pytest.raises(ConfigError, match="'model.pretrained'"):
+        load_config(None, missing[:2], environment=True)
+    assert config_from_yaml_text(to_yaml(cfg)).model.pretrained == str(tmp_path / "nope.pt")
+    assert as_run(to_yaml(cfg)).cfg.model.name == "python:no_such_mod:f"  # a Ray worker's run
+    # the pure checks still run everywhere
+    with pytest.raises(ConfigError, match="'generalist.lr'"):
+        config_from_yaml_text(to_yaml(cfg).replace("lr: 0.05", "lr: 0.0", 1))

@@ -10,7 +10,6 @@ Nothing here reads ``../shared/data``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import pickle
@@ -24,6 +23,8 @@ from specialists.data import (
     Batcher,
     EpochBatches,
     Preprocessing,
+    Split,
+    batcher_for,
     build_dataset,
     epoch_generator,
     seeded_batches,
@@ -541,6 +542,21 @@ def test_batcher_normalized_batches():
     assert vx.shape == (5, 64) and torch.allclose(vx, (vds.val.x[:5] - torch.tensor(vds.mean)) / torch.tensor(vds.std))
 
 
+def test_each_split_keeps_its_own_batcher():
+    """``batcher_for`` keeps a split's batcher on the split: the same split and device give the
+    same one, another split its own, and a split made after another is freed never gets the freed
+    one's (a cache keyed by ``id(split)`` did: CPython hands the freed split's id to the next)."""
+    ds = build_dataset(DataConfig(**SMALL_SYN))
+    b = batcher_for(ds, ds.train, "cpu")
+    assert b is batcher_for(ds, ds.train, "cpu") and b.n == len(ds.train)
+    assert batcher_for(ds, ds.val, "cpu").n == len(ds.val)
+    for k in range(1, 21):  # splits of 1..20 rows, each freed before the next is made
+        split = Split(x=ds.train.x[:k], y=ds.train.y[:k].flip(0))
+        got = batcher_for(ds, split, "cpu")
+        assert got.n == k and torch.equal(got.y, ds.train.y[:k].flip(0))
+        del split, got
+
+
 def test_training_batches_and_inference_share_one_preprocessing():
     """The batcher (training, evaluation) and the inference API normalize with the same code and
     the same numbers: raw inputs in any accepted layout give bit-identical model inputs."""
@@ -613,4 +629,3 @@ def test_registry_lists_every_design_name():
     assert all(DATASETS[n].needs_path for n in ("cifar10", "cifar100", "mnist", "fashion_mnist", "emnist",
                                                   "imagefolder", "npz"))
     assert not DATASETS["digits"].needs_path and not DATASETS["synthetic"].needs_path
-    assert dataclasses.is_dataclass(DataConfig)

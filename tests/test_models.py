@@ -115,3 +115,33 @@ def test_same_seed_same_init():
     b = build_model(model_cfg("cnn", 8), CLASSES, (3, 16, 16))
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_a_model_that_cannot_read_the_data_is_one_cli_line(tmp_path, capsys):
+    """``model.name=cnn`` on vector data, through the command line: one ``error:`` line naming
+    the model and the cause, exit status 2, no traceback, before any run directory exists."""
+    from pathlib import Path
+
+    from conftest import error_line_within
+
+    from specialists.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    run_dir = tmp_path / "run"
+    argv = ["train-generalist", str(config), f"run_dir={run_dir}", "device=cpu", "data.name=synthetic",
+            "data.variant=vector", "model.name=cnn"]
+    capsys.readouterr()
+    assert error_line_within(lambda: main(argv)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "'cnn' needs image inputs" in err[0] and "mlp" in err[0]
+    assert not run_dir.exists()
+
+
+def test_impossible_model_settings_are_model_errors():
+    """The factories' own checks are :class:`ModelError` (one line at the command line), not a
+    bare ``ValueError``, whoever calls them."""
+    from specialists.models.soft_tree import SoftDecisionTree
+
+    with pytest.raises(ModelError, match="depth >= 1, got 0"):
+        SoftDecisionTree((4,), 3, depth=0)

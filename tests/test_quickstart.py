@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_report import check_page
 
 from specialists.cli import main
 
@@ -53,6 +54,10 @@ def test_quickstart_runs_every_stage_prints_the_table_and_reruns_nothing(tmp_pat
     assert st["teacher"] == "ensemble"
     assert st["agreement_with_ensemble"] >= 0.9
     assert st["test_top1"] > ev["generalist"]["top1"]
+    # the run on one page, a section per stage (tests/test_report.py), with the ensemble's top-1
+    page = check_page(d / "report.html", ["config", "generalist", "subsets", "specialists", "evaluation", "ablation",
+                                          "controls", "frontier", "student"])
+    assert f"{100 * ev['ensemble']['top1']:.2f}%" in page.sections["evaluation"]
 
     # a second run finds everything done and only prints the summary again
     mtimes = {p: p.stat().st_mtime_ns for p in d.rglob("*.safetensors")}

@@ -664,13 +664,14 @@ def test_a_truncated_manifest_is_one_line_that_says_how_to_recover(run_copy, cap
 
 def test_killed_at_random_points_across_the_stages_a_run_ends_bit_identical(tmp_path):
     """``benchmarks/crash_resume.py`` on the tiny run: an uninterrupted run, then the same run
-    SIGKILLed once in each of five stages (at seeded random moments) and resumed each time."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "crash_resume.py"), "--kills", "5",
+    SIGKILLed in two stages (at seeded random moments, one in the training stages, one in the
+    evaluation's or later) and resumed each time. ``make crash-test`` kills it 24 times."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "crash_resume.py"), "--kills", "2",
                            "--keep", str(tmp_path), *TINY, "student.controls=false", "ablate.control=false"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["identical"] and summary["kills"] == 5 and len(summary["per_stage"]) >= 4, summary
+    assert summary["identical"] and summary["kills"] == 2 and len(summary["per_stage"]) == 2, summary
     # the comparison is not vacuous: it sees a one-bit change in any model
     import importlib.util
 

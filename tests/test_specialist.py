@@ -417,19 +417,9 @@ def test_hard_only_schedule_with_analytic_shift(tiny_run, tmp_path):
 # ----------------------------------------------------------------------------- does it help?
 
 
-def test_tiny_run_specialists_beat_the_generalist_on_their_subsets(tiny_run):
-    """On the tiny fixture (seed 0) the three specialists gain +5.6, +5.6 and +1.1 points over
-    the generalist restricted to their classes (90 test examples each), +4.1 on average.
-    The fixture is too small to show this reliably: seeds 1, 2, 3 of the same config gave
-    -2.2, +2.2, +3.7 on average (and phases=hard: +3.7, -3.7, +1.9, +3.3). The dedicated test
-    below uses a config whose gain holds across seeds."""
-    run = Run(tiny_run)
-    rows = [read_json(run.specialist(s["id"]).metrics) for s in run.load_subsets()]
-    assert len(rows) == 3
-    gains = [m["subset_top1"] - m["generalist_subset_top1"] for m in rows]
-    for m in rows:
-        assert m["test_examples_in_subset"] == 90
-    assert sum(gains) / len(gains) > 0.02, gains
+# (A test that the tiny fixture's specialists beat the generalist was removed: on 90 test
+# examples per subset the gain held at seed 0 only (seeds 1-3: -2.2, +2.2, +3.7 points on
+# average). The dedicated problem below shows the gain across seeds.)
 
 
 def test_generalist_subset_accuracy_is_the_restricted_argmax(tiny_run):

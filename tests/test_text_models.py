@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from specialists.errors import SpecialistsError
+from specialists.errors import ModelError, SpecialistsError
 from specialists.models import PAD_ID, Classifier, build_model
 from specialists.models.text import BiLSTMFeatures, TextCNNFeatures, TransformerFeatures
 from specialists.rundir.config import ModelConfig, StudentModelConfig
@@ -133,7 +133,7 @@ def test_build_model_checks_text_and_pooling(name):
     assert model.feature_dim == {"textcnn": 300, "bilstm": 16, "transformer": 8}[name]
     with pytest.raises(SpecialistsError, match="text"):
         build_model(OmegaConf.structured(ModelConfig(name=name)), CLASSES, (MAX_LEN,))  # no vocab_size
-    with pytest.raises(ValueError, match="'sum'"):
+    with pytest.raises(ModelError, match="'sum'"):
         build(name, pooling="sum")
     # a student's section leaves dropout None: no dropout
     student = OmegaConf.structured(StudentModelConfig(name=name, width=8, dropout=None))
@@ -141,7 +141,7 @@ def test_build_model_checks_text_and_pooling(name):
 
 
 def test_textcnn_refuses_mean_pooling_and_images_refuse_text():
-    with pytest.raises(ValueError, match="textcnn always max-pools"):
+    with pytest.raises(ModelError, match="textcnn always max-pools"):
         build("textcnn", pooling="mean")
     with pytest.raises(SpecialistsError, match="does not read text"):
         build_model(OmegaConf.structured(ModelConfig(name="cnn", width=8)), CLASSES, (1, 8, 8), vocab_size=VOCAB)

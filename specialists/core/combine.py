@@ -9,7 +9,7 @@ distribution is
 
 (Hinton, Vinyals & Dean 2015, section 5). Minimizing L is maximum likelihood for a multinomial
 ``q`` given 1 + |A| "observations": the generalist's full distribution and, for each specialist,
-a distribution in which every class outside ``S_m`` is censored to "not in S_m". Three solvers:
+a distribution in which every class outside ``S_m`` is censored to "not in S_m". Two solvers:
 
 ``em`` (default)
     The EM fixed point (E-step: share each dustbin mass among the classes outside its subset in
@@ -24,19 +24,20 @@ a distribution in which every class outside ``S_m`` is censored to "not in S_m".
     those classes together; with a start proportional to p_g there they stay proportional to
     p_g, and one "rest" column carries their total. An example then costs O(|U| * |A|) per
     iteration instead of O(C * M) (15,000 classes, 3 active subsets of 300: ~900 columns).
-    An example with exactly one active specialist gets the closed form (below), no iterations.
-
-``closed_form``
-    Exact for one active specialist (``q_j = (p_g,j + p_m,j) / 2`` on S,
-    ``q_i = p_g,i (P_g(not S) + p_m,dust) / (2 P_g(not S))`` off S); examples with 2+ active
-    specialists fall back to ``em``. So ``closed_form`` and ``em`` give the same q; the name
-    exists for the config key ``combine.solver``.
+    An example with exactly one active specialist gets EM's fixed point in closed form, no
+    iterations: ``q_j = (p_g,j + p_m,j) / 2`` on S, ``q_i = p_g,i (P_g(not S) + p_m,dust) /
+    (2 P_g(not S))`` off S.
 
 ``gradient``
-    Hinton's reference: ``q = softmax(z)``, L-BFGS on z over all C classes, slow and simple.
-    It is what the fast solvers are tested against.
+    Hinton's reference: ``q = softmax(z)``, L-BFGS on z over all C classes, slow and simple
+    (:mod:`specialists.core.combine_reference`). It is what EM is tested against.
 
-Every solver returns ``p_general`` bit for bit for examples with no active specialist.
+Both solvers return ``p_general`` bit for bit for examples with no active specialist.
+
+The torch-free twin :mod:`specialists.core.combine_numpy` (the ONNX runtime's) solves the same
+problem with the same EM start, steps and stopping rule; the constants they share
+(``ROUTINGS``, the start's floor, the growth test, the default cap and tolerance) are defined
+there and imported here.
 
 Degenerate inputs (exact zeros, confident one-hot predictions), and what the minimizer is:
 
@@ -66,10 +67,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import ParameterError
+from .combine_numpy import _GROWTH_TOL, _INIT_FLOOR, DEFAULT_TOL, ROUTINGS
+from .combine_numpy import DEFAULT_MAX_ITER as _EM_MAX_ITER
+from .combine_reference import solve_gradient
 
 __all__ = [
     "ROUTINGS",
@@ -83,10 +86,7 @@ __all__ = [
     "route",
 ]
 
-SOLVERS = ("em", "closed_form", "gradient")
-ROUTINGS = ("routed", "all")  # see route()
-
-_LBFGS_HISTORY = 100
+SOLVERS = ("em", "gradient")
 
 # EM and the closed form process rows in chunks of about this many elements of their largest
 # temporaries ((rows, K, |U|) reduced-problem masks, (rows, C) expansions), bounding memory for
@@ -94,17 +94,11 @@ _LBFGS_HISTORY = 100
 _CHUNK_ELEMENTS = 1 << 24
 
 # Default iteration caps. EM converges in tens of iterations; L-BFGS on z needs hundreds.
-DEFAULT_MAX_ITER = {"em": 200, "closed_form": 200, "gradient": 5000}
+DEFAULT_MAX_ITER = {"em": _EM_MAX_ITER, "gradient": 5000}
 
-# EM starts at (1 - _INIT_FLOOR) * p_g + _INIT_FLOOR * uniform (over the reduced columns, the
-# rest column weighted by how many classes it stands for), so that no class that could receive
-# mass starts on the boundary q_i = 0, where a multiplicative update cannot move it.
-_INIT_FLOOR = 1e-4
-
-# An example counts as converged only when no (non-negligible) class still grows by more than
-# this factor per iteration, on top of max |dq| <= tol: a class of mass 1e-9 growing by 30% per
-# iteration changes by less than any sensible tol but is far from its optimum.
-_GROWTH_TOL = 1e-2
+# EM's start (1 - _INIT_FLOOR) * p_g + _INIT_FLOOR * uniform is taken over the reduced columns,
+# the rest column weighted by how many classes it stands for (_INIT_FLOOR and _GROWTH_TOL: see
+# combine_numpy, which defines them for both solvers).
 
 
 class CombineInputError(ParameterError):
@@ -208,15 +202,39 @@ def route(p_general: Tensor, member: Tensor, top_n: int = 1, routing: str = "rou
 
     ``routed``: the specialists whose subset holds any of the generalist's ``top_n`` most
     probable classes (``member``: (M, C) from :func:`membership`). ``all``: every specialist
-    on every example (the cost the routing saves, for comparison).
+    on every example (the cost the routing saves, for comparison). Exact ties are broken
+    toward the lower class id, as :func:`specialists.core.combine_numpy.route` does (``topk``
+    leaves them to the device's kernel), so the served ensemble routes as this one does.
     """
     if routing not in ROUTINGS:
         raise CombineInputError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
     B, M = p_general.shape[0], member.shape[0]
     if M == 0 or routing == "all":
         return torch.full((B, M), M > 0, dtype=torch.bool, device=p_general.device)
-    top = p_general.topk(min(top_n, p_general.shape[1]), dim=1).indices  # (B, n)
+    top = _top_classes(p_general, min(top_n, p_general.shape[1]))  # (B, n)
     return member[:, top].any(-1).T  # (M, B, n) -> (B, M)
+
+
+def _top_classes(p: Tensor, n: int) -> Tensor:
+    """(B, n) ids of each row's n most probable classes, exact ties broken toward the lower id
+    (numpy's stable argsort of -p). ``topk`` alone decides where the n-th value differs from
+    the next (the set of the n largest is then unique); only rows where a tie crosses that
+    boundary are redone: the classes above the n-th value, then the lowest ids equal to it. (A
+    stable sort of every row costs 60x ``topk`` at 15,000 classes.)"""
+    C = p.shape[1]
+    if n >= C:
+        return torch.arange(C, device=p.device).expand(p.shape[0], C)
+    vals, top = p.topk(n + 1, dim=1)
+    top = top[:, :n]
+    # the n-th value tied with a class left out (NaN rows keep topk's pick: nothing compares)
+    cross = (vals[:, n - 1] == vals[:, n]) & ~vals[:, :n].isnan().any(1)
+    if bool(cross.any()):
+        rows = torch.nonzero(cross).flatten()
+        q, kth = p[rows], vals[rows, n - 1 : n]
+        above, tied = q > kth, q == kth
+        chosen = above | (tied & (tied.cumsum(1) <= n - above.sum(1, keepdim=True)))
+        top[rows] = chosen.nonzero()[:, 1].view(-1, n)  # row-major: each row's n ids
+    return top
 
 
 # ============================================================================ validation
@@ -344,7 +362,7 @@ def combine(
     solver: str = "em",
     *,
     max_iter: int | None = None,
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
     return_info: bool = False,
     single_closed_form: bool = True,
 ):
@@ -359,9 +377,9 @@ def combine(
             its subset, in the order of ``subsets[m]``, then its dustbin in the last column.
             Rows of examples for which m is inactive are ignored (they may hold anything).
         active: (B, M) bool, which specialists take part for each example (the set A).
-        solver: ``"em"`` (default), ``"closed_form"`` or ``"gradient"`` (see the module doc).
+        solver: ``"em"`` (default) or ``"gradient"`` (see the module doc).
         max_iter: iteration cap per example: EM iterations, or L-BFGS iterations for
-            ``gradient``. ``None``: 200 for em/closed_form, 5000 for gradient.
+            ``gradient``. ``None``: 200 for em, 5000 for gradient.
         tol: EM stops for an example when max_i |q_i^(t) - q_i^(t-1)| <= tol (and no class
             grows by more than 1% per iteration); ``gradient`` stops when
             max_i |dL/dz_i| <= tol (dL/dz_i = -(1 + |A|) times the EM step on q_i, so the
@@ -412,7 +430,7 @@ def combine(
     if solver == "gradient":
         rows = torch.nonzero(num_active > 0).flatten()
         if rows.numel():
-            q_r, it_r, ok_r = _solve_gradient(pg, table, specs, active, rows, max_iter, tol)
+            q_r, it_r, ok_r = solve_gradient(pg, table, specs, active, rows, max_iter, tol)
             put(rows, q_r)
             iters[rows], converged[rows] = it_r, ok_r
     else:
@@ -675,103 +693,3 @@ def _expand(q_red: Tensor, red: _Reduced) -> Tensor:
     lin = (torch.arange(R, device=pg.device)[:, None] * C + red.uid)[red.valid]
     out.view(-1)[lin] = q_u[red.valid]
     return out
-
-
-# ============================================================================ gradient
-
-
-def _solve_gradient(
-    pg_all: Tensor,
-    table: SubsetTable,
-    specs: list[Tensor],
-    active: Tensor,
-    rows: Tensor,
-    max_iter: int,
-    tol: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Hinton's reference: q = softmax(z), L-BFGS on z over all C classes, example by example.
-
-    Independent of the EM code: it minimizes the cross-entropy part of L (L minus terms that do
-    not depend on q) with autograd, the out-of-subset masses as log-sum-exp over the complement.
-    Returns q (R, C), iterations (R,), converged (R,).
-
-    Callers often run under ``torch.inference_mode()`` (the ensemble's predictions do), where
-    autograd records nothing and inference tensors cannot be saved for backward: the solve
-    turns both back on and works on normal copies of its inputs."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return _lbfgs_rows(pg_all[rows].clone(), table, [s[rows].clone() for s in specs], active[rows].clone(),
-                           max_iter, tol)
-
-
-def _lbfgs_rows(pg: Tensor, table: SubsetTable, specs: list[Tensor], act: Tensor, max_iter: int,
-                tol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_solve_gradient` on its rows: ``pg`` (R, C), ``specs[m]`` (R, |S_m| + 1),
-    ``act`` (R, M) bool; autograd enabled."""
-    R, C = pg.shape
-    M = table.num_subsets
-    dtype, device = pg.dtype, pg.device
-    finfo = torch.finfo(dtype)
-
-    # fixed_i = p_g,i + sum_{m active} [i in S_m] p_m,i, built in the full class space.
-    fixed = pg.clone()
-    dust_m = pg.new_zeros(R, M)
-    for m in range(M):
-        s = table.sizes[m]
-        pm = specs[m]
-        a = act[:, m]
-        fixed.index_add_(1, table.index[m, :s], torch.where(a[:, None], pm[:, :s], pg.new_zeros(())))
-        dust_m[:, m] = torch.where(a, pm[:, s], pg.new_zeros(()))
-    comp_mask = table.complement_mask()  # (M + 1, C)
-    # A subset holding every class has no complement: its dustbin mass cannot be placed (L is
-    # +inf if it is > 0, whatever q) and log(0) would poison the gradient, so treat it as padding.
-    empty = ~comp_mask.any(1)
-    spec, slot_valid = _active_slots(act, M)
-    spec = torch.where(empty[spec], torch.full_like(spec, M), spec)
-    dust = torch.where(spec < M, dust_m.gather(1, spec.clamp(max=max(M - 1, 0))), pg.new_zeros(()))
-
-    q = torch.empty_like(pg)
-    iters = torch.zeros(R, dtype=torch.long, device=device)
-    converged = torch.zeros(R, dtype=torch.bool, device=device)
-    # One L-BFGS run per example: the examples are independent problems, and one run on their
-    # sum shares a line search and curvature pairs between them, which made it ~10x slower to
-    # converge than per-example runs in our tests. (A Python loop is fine for the reference.)
-    for r in range(R):
-        keep = slot_valid[r] & (spec[r] < M)
-        sp, d = spec[r][keep], dust[r][keep]
-        # 0 outside each active subset, -inf inside: logsumexp(log q + neg) = log Q_k.
-        neg = torch.zeros((sp.numel(), C), dtype=dtype, device=device)
-        neg.masked_fill_(~comp_mask[sp], -math.inf)
-        f = fixed[r]
-        z = torch.log(pg[r] + finfo.tiny).requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [z],
-            lr=1.0,
-            max_iter=max(max_iter, 1),
-            max_eval=max(max_iter, 1) * 3,
-            tolerance_grad=tol,
-            # Stop when an iteration changes L by less than ~100 ulps: converged to the
-            # dtype's precision (float64: 2e-14 nats).
-            tolerance_change=100 * finfo.eps,
-            # The softmax parameterization is ill-conditioned (curvature ~ q_i, so 1e-5 classes
-            # give condition numbers ~1e5); with a short history L-BFGS crawls for thousands of
-            # iterations, with 100 pairs it converges in hundreds.
-            history_size=_LBFGS_HISTORY,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure(z=z, opt=opt, neg=neg, f=f, d=d):  # bound now: L-BFGS calls it within this iteration
-            opt.zero_grad()
-            logq = F.log_softmax(z, dim=0)
-            log_out = torch.logsumexp(logq[None, :] + neg, dim=1)  # (K,)
-            loss = -(f * logq).sum() - (d * log_out).sum()
-            loss.backward()
-            return loss
-
-        if max_iter > 0:
-            opt.step(closure)
-            iters[r] = opt.state[z].get("n_iter", 0)
-        closure()  # the gradient at the final z (line searches leave a trial point's behind)
-        with torch.no_grad():
-            q[r] = _keep_support(torch.softmax(z.detach(), dim=0), f > 0)
-            converged[r] = z.grad.abs().max() <= tol
-    return q, iters, converged

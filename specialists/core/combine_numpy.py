@@ -32,16 +32,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ROUTINGS", "combine", "membership", "route"]
+__all__ = ["DEFAULT_MAX_ITER", "DEFAULT_TOL", "ROUTINGS", "combine", "membership", "route"]
 
-ROUTINGS = ("routed", "all")  # as specialists.core.combine.ROUTINGS (see route())
+# The constants both solvers share live here, in the torch-free module, and
+# specialists.core.combine imports them: one copy, so the two cannot drift apart.
 
-# The start's floor and the growth test: the values of specialists.core.combine (_INIT_FLOOR,
-# _GROWTH_TOL), so both solvers start at the same point and stop by the same rule.
+ROUTINGS = ("routed", "all")  # see route()
+
+# EM starts at (1 - _INIT_FLOOR) * p_g + _INIT_FLOOR * uniform (over the classes), so that no
+# class that could receive mass starts on the boundary q_i = 0, where a multiplicative update
+# cannot move it.
 _INIT_FLOOR = 1e-4
+
+# An example counts as converged only when no (non-negligible) class still grows by more than
+# this factor per iteration, on top of max |dq| <= tol: a class of mass 1e-9 growing by 30% per
+# iteration changes by less than any sensible tol but is far from its optimum.
 _GROWTH_TOL = 1e-2
 
-# The torch solver's defaults (combine.max_iter, combine.tol). Where EM converges slowly (a
+# EM's defaults (the config's combine.max_iter, combine.tol). Where EM converges slowly (a
 # minimizer on the simplex's boundary makes it sublinear) the iterate it stops at can lie 1e-2
 # from q*; the same start, steps, stopping rule and caps stop both solvers at the same iterate.
 DEFAULT_MAX_ITER = 200
@@ -61,8 +69,8 @@ def route(p_general: np.ndarray, member: np.ndarray, top_n: int = 1, routing: st
 
     ``routed``: the specialists whose subset holds any of the generalist's ``top_n`` most
     probable classes (``p_general`` (B, C), ``member`` (M, C) from :func:`membership`);
-    ``all``: every specialist on every example. (Exact ties between the n-th and the next
-    class are broken toward the lower class id.)
+    ``all``: every specialist on every example. Exact ties are broken toward the lower class
+    id (a stable sort of -p), as the torch ``route`` does, so both pick the same specialists.
     """
     if routing not in ROUTINGS:
         raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")

@@ -1,4 +1,5 @@
-"""Batches on the device: the batcher, the two samplers, and the one seeded batch builder.
+"""Batches on the device: the batcher (and :func:`batcher_for`, each split's own), the two
+samplers, and the one seeded batch builder.
 
 The airbench idea: no CPU loader in the loop. A :class:`Batcher` moves one split's uint8
 images (or float vectors) to the device once and builds every batch by indexing there;
@@ -22,11 +23,12 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.nn import functional as F
 
+from ..core.tokens import PAD_ID
 from ..device import channels_last, world
 from ..errors import SpecialistsError
 from .preprocess import Preprocessing
-from .registry import Dataset, Split
-from .tokenize import PAD_ID
+from .stream import StreamBatcher
+from .types import Dataset, Split
 
 AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")  # data.augment (plus "auto": by data set)
 
@@ -124,6 +126,17 @@ class Batcher:
         """The whole split once, in order, un-augmented: (x, y) batches (for evaluation)."""
         for start in range(0, self.n, batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, self.n)))
+
+
+def batcher_for(ds: Dataset, split: Split, device: torch.device | str) -> Batcher | StreamBatcher:
+    """The batcher of ``split`` (one of ``ds``'s) on ``device``: a :class:`Batcher`, or a
+    :class:`~specialists.data.stream.StreamBatcher` for a streamed data set. Made once per split
+    and device and kept on the split (``split.batchers``): a streamed split's loader keeps its
+    worker processes between passes, and a split's batchers go when the split goes."""
+    key = str(device)
+    if key not in split.batchers:
+        split.batchers[key] = (StreamBatcher if ds.storage == "stream" else Batcher)(ds, split, device)
+    return split.batchers[key]
 
 
 class EpochBatches:

@@ -41,9 +41,12 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..core.layout import LayoutError, to_nchw
 from ..errors import SpecialistsError, one_line
 from .preprocess import WIDE_GREY_MODES, convert_image
-from .registry import RawData, register, stratified_split
+from .registry import register
+from .splits import stratified_split
+from .types import RawData
 
 TEST_FRACTION = 0.2  # digits and single-tree imagefolder: the held-out test share
 TEST_SEED = 0  # fixed, so the test set does not depend on data.split_seed
@@ -137,29 +140,14 @@ def _labels(y: np.ndarray, key: str, path, n: int) -> np.ndarray:
 
 
 def _inputs(x: np.ndarray, key: str, path, layout: Optional[str] = None) -> np.ndarray:
-    """uint8 images -> NCHW (or NHW, which base.py reads as one channel); float -> (N, D)."""
+    """uint8 images -> NCHW by the one layout rule (:func:`specialists.core.layout.to_nchw`;
+    ``layout``: meta.json's, which settles an ambiguous shape); float -> (N, D)."""
     if x.dtype == np.uint8:
-        if x.ndim == 3:
-            return x
-        if x.ndim != 4:
-            raise SpecialistsError(f"{path}: '{key}' images must be (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
-        last, second = x.shape[-1] in (1, 3), x.shape[1] in (1, 3)
-        if layout is not None:
-            layout = layout.upper()
-            if layout not in ("NHWC", "NCHW"):
-                raise SpecialistsError(f"{path}: unknown layout '{layout}' (NHWC or NCHW)")
-            chw = layout == "NCHW"
-        elif last and second:
-            raise SpecialistsError(f"{path}: '{key}' shape {x.shape} is ambiguous (NHWC or NCHW?); "
-                                   "store images as (N, H, W, C)")
-        elif last or second:
-            chw = not last
-        else:
-            raise SpecialistsError(f"{path}: '{key}' has shape {x.shape}: images need 1 or 3 channels")
-        c = x.shape[1] if chw else x.shape[-1]
-        if c not in (1, 3):
-            raise SpecialistsError(f"{path}: '{key}' has {c} channels; images need 1 or 3")
-        return x if chw else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        try:
+            return to_nchw(x, layout, settle="a folder of shards whose meta.json gives \"layout\": \"NHWC\" "
+                                             "or \"NCHW\" settles it")
+        except LayoutError as exc:
+            raise SpecialistsError(f"{path}: '{key}': {exc}") from None
     if np.issubdtype(x.dtype, np.floating):
         if x.ndim != 2:
             raise SpecialistsError(f"{path}: '{key}' is a float array of shape {x.shape}; float inputs are "
@@ -192,6 +180,7 @@ def _finish(x_tr, y_tr, x_te, y_te, yc_tr, yc_te, names, coarse_names, where) ->
         coarse_names=coarse_names if yc_tr is not None else None,
         num_classes=num_classes,
         default_augment=_augment_for(channels, *x_tr.shape[-2:]) if image else None,
+        layout="NCHW" if image else None,  # _inputs resolved it: build need not tell it again
     )
 
 
@@ -430,5 +419,5 @@ def load_imagefolder(cfg) -> RawData:
         class_names=classes, num_classes=len(classes),
         default_augment=_augment_for(channels, side, side),
         train_source=FileSource(f_tr, mode), test_source=FileSource(f_te, mode),
-        channels=channels, sizes=sizes, decode=decode,
+        channels=channels, sizes=sizes, decode=decode, layout="NCHW",  # what decode returns
     )

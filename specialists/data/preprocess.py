@@ -21,8 +21,9 @@ import logging
 import numpy as np
 import torch
 
+from ..core.layout import LayoutError, raw_batch
 from ..errors import SpecialistsError
-from .registry import TEXT_LAYOUT
+from .types import TEXT_LAYOUT
 
 log = logging.getLogger("specialists")
 
@@ -76,31 +77,25 @@ class Preprocessing:
             x = x / self.divisor
         return (x - self.mean) / self.std
 
-    def to_batch(self, x) -> torch.Tensor:
+    def to_batch(self, x, layout: str | None = None) -> torch.Tensor:
         """Raw user input -> a batch in the stored layout on the device, raw units.
 
         Images: (N, H, W, C) or (N, C, H, W) with the run's channel count, or one image
-        (H, W, C) / (C, H, W), or (N, H, W) for one channel. Vectors: (N, D) (flattened).
-        Text: a string or a list of strings (tokenized), or token ids (N, L) int.
-        A shape that fits none of these is one :class:`SpecialistsError` line.
+        (H, W, C) / (C, H, W), or (N, H, W) for one channel (``layout`` ``"NHWC"``/``"NCHW"``
+        settles an array that fits both). Vectors: (N, D) (flattened). Text: a string or a list
+        of strings (tokenized), or token ids (N, L) int. A shape that fits none of these is one
+        :class:`SpecialistsError` line. The shapes are resolved in numpy by
+        :func:`specialists.core.layout.raw_batch`, the torch-free runtime's resolver too.
         """
         if self.is_text:
             return self._ids(x)
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-        if not self.is_image:
-            x = x.reshape(len(x), -1)
-            if x.shape[1] != self.input_shape[0]:
-                raise SpecialistsError(f"expected vectors of {self.input_shape[0]} features, got {x.shape[1]}")
-            return x.to(self.device)
-        c, h, w = self.input_shape
-        if x.ndim == 3:
-            x = x[None] if x.shape in ((c, h, w), (h, w, c)) else x[:, None]
-        if x.ndim == 4 and tuple(x.shape[1:]) == (h, w, c) and tuple(x.shape[1:]) != (c, h, w):
-            x = x.permute(0, 3, 1, 2)
-        if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
-            raise SpecialistsError(f"expected images of shape (N, {h}, {w}, {c}) or (N, {c}, {h}, {w}), "
-                                   f"got {tuple(x.shape)}")
-        return x.to(self.device)
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        try:
+            x = raw_batch(x, self.input_shape, layout)
+        except LayoutError as exc:
+            raise SpecialistsError(str(exc)) from None
+        return torch.as_tensor(x).to(self.device)
 
     @property
     def encoder(self):

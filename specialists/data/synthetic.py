@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import RawData, register
+from .registry import register
+from .types import RawData
 
 VARIANTS = ("image", "vector")  # data.variant
 CLASS_SCALE = 0.5  # size of the class-specific part relative to the superclass template

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import RawData, register
+from .registry import register
+from .types import RawData
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 FILLER, TOPIC_WORDS, CLASS_WORDS = 60, 10, 6  # words of each kind

@@ -27,7 +27,9 @@ from typing import List, Optional
 import numpy as np
 
 from ..errors import SpecialistsError, one_line
-from .registry import RawData, register, stratified_split
+from .registry import register
+from .splits import stratified_split
+from .types import RawData
 
 SUFFIXES = (".csv", ".tsv", ".jsonl")
 TEST_FRACTION, TEST_SEED = 0.2, 0  # one file: its held-out test share, fixed (not data.split_seed)

@@ -23,9 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core.tokens import PAD_ID
 from ..errors import SpecialistsError, one_line
 
-PAD_ID = 0
 TOKENIZERS = ("bpe", "wordpiece")  # data.tokenizer: trained on the training split (or a tokenizer.json path)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]"]  # in this order: [PAD] is id 0
 PAD_TOKENS = ("[PAD]", "<pad>")

@@ -23,7 +23,8 @@ from typing import List
 import numpy as np
 
 from ..errors import SpecialistsError, one_line
-from .registry import RawData, register
+from .registry import register
+from .types import RawData
 
 
 def _root(cfg) -> str:

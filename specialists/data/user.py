@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SpecialistsError, one_line
-from .registry import DatasetEntry, RawData
+from .registry import DatasetEntry
 from .stream import DatasetSource
+from .types import RawData
 
 
 def _labels(ds, name: str, split: str) -> np.ndarray:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -76,13 +77,43 @@ def as_run(run) -> Run:
     return opened
 
 
-def run_jobs(jobs: list[Job], launch) -> list:
-    """Run ``jobs`` with the ``launch`` config's executor; their results, in order."""
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return ("under a minute" if minutes < 1 else f"about {minutes} min" if minutes < 60
+            else f"about {minutes // 60} h {minutes % 60} min")
+
+
+class Progress:
+    """One line per finished job, with an ETA from the jobs finished so far ("specialists 4/10
+    done, about 6 min left"), and the same two figures to the run's trackers."""
+
+    def __init__(self, label: str, total: int, tracker=None):
+        self.label, self.total, self.tracker = label, total, tracker
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def finished(self, name: str) -> None:
+        self.done += 1
+        left = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+        eta = f", {_duration(left)} left" if self.done < self.total else ""
+        log.info("%s %d/%d done%s (%s finished)", self.label, self.done, self.total, eta, name)
+        if self.tracker is not None:
+            self.tracker.scalars(f"progress/{self.label}", {"done": self.done, "total": self.total,
+                                                            "seconds_left": left}, self.done)
+
+
+def run_jobs(jobs: list[Job], launch, label: str = "jobs", tracker=None) -> list:
+    """Run ``jobs`` with the ``launch`` config's executor; their results, in order. ``label``
+    names them in the progress lines (and ``tracker`` receives the progress)."""
     if not jobs:
         return []
+    progress = Progress(label, len(jobs), tracker)
     if launch.executor == "local":
-        return [job.fn(*job.args) for job in jobs]
-    return _ray_jobs(jobs, launch)
+        results = []
+        for job in jobs:
+            results.append(job.fn(*job.args))
+            progress.finished(job.name)
+        return results
+    return _ray_jobs(jobs, launch, progress)
 
 
 def _check_reachable(address: str) -> None:
@@ -117,7 +148,7 @@ def _check_fits(ray, launch) -> None:
                                    f"or add nodes with more {key}s")
 
 
-def _ray_jobs(jobs: list[Job], launch) -> list:
+def _ray_jobs(jobs: list[Job], launch, progress: Progress) -> list:
     try:
         import ray
     except ImportError:
@@ -152,5 +183,5 @@ def _ray_jobs(jobs: list[Job], launch) -> list:
                     raise SpecialistsError(f"{jobs[i].name}: {cause}") from None
                 raise
             bar.update()
-            log.info("%s: finished (%d of %d jobs)", jobs[i].name, len(jobs) - len(pending), len(jobs))
+            progress.finished(jobs[i].name)
     return results

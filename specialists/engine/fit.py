@@ -25,6 +25,7 @@ from ..data import Batcher
 from ..device import autocast, mean_over_ranks, world
 from ..errors import SpecialistsError, one_line
 from ..rundir.io import load_state, rank0, save_state
+from ..rundir.track import model_tracker, write_history_csv
 
 log = logging.getLogger("specialists")
 
@@ -70,6 +71,30 @@ def _resume(model: nn.Module, opt, sched, state_path, desc: str) -> tuple[list[d
         rank0(lambda: state_path.unlink(missing_ok=True))
         return None
     return history, epoch
+
+
+def epoch_rows(history: list[dict], tcfg, steps_per_epoch: int) -> list[dict]:
+    """``history.csv``'s rows: each epoch's record with its global step (steps done at its end),
+    the schedule's learning rate there and the training samples per second."""
+    total, warmup = tcfg.epochs * steps_per_epoch, int(tcfg.warmup_epochs * steps_per_epoch)
+    rows = []
+    for h in history:
+        step = h["epoch"] * steps_per_epoch
+        rate = h["steps"] * tcfg.batch_size / h["seconds"] if h.get("seconds") else None
+        rows.append({"epoch": h["epoch"], "step": step, "lr": tcfg.lr * lr_factor(step, total, tcfg.schedule, warmup),
+                     "samples_per_s": rate, **{k: v for k, v in h.items() if k != "epoch"}})
+    return rows
+
+
+def tracked(row: dict) -> dict:
+    """A history row's scalars as tracker tags: ``val_top1`` -> ``val/top1``, ``lr`` -> ``train/lr``."""
+    out = {}
+    for k, v in row.items():
+        if k in ("epoch", "step") or not isinstance(v, (int, float)):
+            continue
+        head, _, tail = k.partition("_")
+        out[f"{head}/{tail}" if head in ("train", "val", "test") and tail else f"train/{k}"] = v
+    return out
 
 
 def _data_parallel(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
@@ -122,6 +147,10 @@ def fit(
     if start:
         log.info("%s: resuming after epoch %d/%d", desc, start, tcfg.epochs)
     trained = _data_parallel(model, device, sync_bn)
+    tracker, ns = model_tracker(state_path)
+    per_step = tracker is not None and tracker.active
+    if per_step:
+        tracker.start_model(ns, start * steps_per_epoch + 1)
     for epoch in range(start, tcfg.epochs):
         torch.manual_seed(seed * 7919 + epoch)  # dropout etc.: same draws when resumed
         model.train()
@@ -140,6 +169,9 @@ def fit(
             sched.step()
             loss_sum += loss.detach()
             n_steps += 1
+            if per_step and n_steps % tracker.cfg.log_every == 0:  # (reading the loss waits for the device)
+                tracker.scalars(ns, {"train/step_loss": float(loss.detach()), "train/lr": sched.get_last_lr()[0]},
+                                epoch * steps_per_epoch + n_steps)
             for k, v in info.items():
                 info_sum[k] = info_sum.get(k, 0) + v
         loss_sum = mean_over_ranks(loss_sum)
@@ -153,6 +185,11 @@ def fit(
         history.append(record)
         shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
         log.info("%s epoch %d/%d %s (%.1fs)", desc, epoch + 1, tcfg.epochs, shown, record["seconds"])
+        if tracker is not None:
+            rows = epoch_rows(history, tcfg, steps_per_epoch)
+            if tracker.csv:
+                write_history_csv(state_path.parent / "history.csv", rows)
+            tracker.scalars(ns, tracked(rows[-1]), rows[-1]["step"])
         if state_path is not None:
             save_state(state_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -25,6 +25,7 @@ import torch
 
 from ..core.cost import flops_per_example, training_flops_per_example
 from ..core.losses import hard_loss
+from ..data import batcher_for
 from ..models import is_soft_tree
 from ..rundir import Run
 from ..rundir.io import read_json
@@ -47,7 +48,7 @@ def training_flops(run: Run, model: torch.nn.Module) -> float:
     """FLOPs of one training step of ``model`` per training example (forward, loss, backward),
     on the first :data:`FLOPS_BATCH` examples of the run's training split."""
     train = run.data.train
-    x, y = run.data.batcher(train, run.device).batch(torch.arange(min(FLOPS_BATCH, len(train))))[:2]
+    x, y = batcher_for(run.data, train, run.device).batch(torch.arange(min(FLOPS_BATCH, len(train))))[:2]
     was_training = model.training
     model.eval()
     try:
@@ -80,7 +81,7 @@ def model_inference_flops(run: Run, model: torch.nn.Module) -> float:
     the generalist's and the ensemble's counts, so every model of a run is costed alike)."""
     test = run.data.test
     bs = run.cfg.generalist.eval_batch_size
-    x = run.data.batcher(test, run.device).batch(timing_rows(len(test), bs * run.cfg.evaluate.timing_batches))[0]
+    x = batcher_for(run.data, test, run.device).batch(timing_rows(len(test), bs * run.cfg.evaluate.timing_batches))[0]
     was_training = model.training
     model.eval()
     try:

@@ -13,7 +13,8 @@ row C finite non-negative numbers summing to 1 within 1e-3 (the client renormali
 Connection errors, timeouts, 429 and 5xx are retried with exponential back-off; any other status
 and any malformed response is one :class:`SpecialistsError` line at once.
 
-Cache (e.g. ``RUN_DIR/student/teacher_api.jsonl``): the header line
+Cache (the student stage's is ``RUN_DIR/teacher_api.jsonl``, :attr:`Run.teacher_api_cache`:
+outside ``student/``, so ``--force`` keeps the answers already paid for): the header line
 ``{"format": "specialists-teacher-api", "version": 1, "num_classes": C}``, then one line per
 answered request, ``{"keys": [sha256, ...], "probs": [[...], ...]}``, appended and fsynced as
 soon as the answer arrives, so a killed process loses at most the request in flight. A key is

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..core import metrics
-from ..data import EpochBatches, seeded_batches
+from ..data import EpochBatches, batcher_for, seeded_batches
 from ..device import prepare_model
 from ..models import is_soft_tree, load_classifier, load_pretrained
 from ..rundir import ModelFiles, Run
@@ -44,7 +44,7 @@ def initial_weights(run: Run, model, from_init: bool = False) -> dict:
 
 def split_probs(run: Run, model: torch.nn.Module, split: str, batch_size: int = 1024) -> torch.Tensor:
     """``model``'s probabilities (N, C) float32 on the CPU over one split of the run's data."""
-    batcher = run.data.batcher(run.data.split(split), run.device)
+    batcher = batcher_for(run.data, run.data.split(split), run.device)
     return torch.softmax(predict_logits(model, batcher, batch_size), 1)
 
 
@@ -73,7 +73,7 @@ def train_classifier(run: Run, model: torch.nn.Module, tcfg, state_path: Path | 
     ds = run.data
     model = prepare_model(model, run.device, ds.is_image)
     sampler = EpochBatches(len(ds.train), tcfg.batch_size)
-    batches = seeded_batches(ds.batcher(ds.train, run.device), sampler, seed=seed, epoch_offset=epoch_offset)
+    batches = seeded_batches(batcher_for(ds, ds.train, run.device), sampler, seed=seed, epoch_offset=epoch_offset)
     return fit(model, tcfg, device=run.device, state_path=state_path, batches=batches,
                steps_per_epoch=sampler.steps, step=HardLabels(tcfg.label_smoothing),
                evaluate=_evaluator(run, eval_splits, tcfg.eval_batch_size), seed=seed, desc=desc,
@@ -85,7 +85,7 @@ def student_batches(run: Run, batch_size: int, seed: int, augment: bool, split=N
     run shares (augmented unless ``augment`` is False), of the training split (or ``split``)."""
     split = split or run.data.train
     sampler = EpochBatches(len(split), batch_size)
-    batcher = run.data.batcher(split, run.device)
+    batcher = batcher_for(run.data, split, run.device)
     return seeded_batches(batcher, sampler, seed=seed, stream=STUDENT_STREAM, augment=augment), sampler.steps
 
 

@@ -24,17 +24,27 @@ An ensemble whose specialists share the generalist's trunk (``specialists.branch
 version 2) has a ``trunk.onnx`` (``input`` -> ``features``), run once per batch; its
 generalist's and specialists' graphs take those features instead of the inputs.
 
+A text run's export (format version 3) serves strings: ``predict_proba(["a text", ...])``.
+They are tokenized with the export's own ``tokenizer.json`` (the ``tokenizers`` library, no
+torch) exactly as training encoded them: no special tokens, at most ``max_length`` tokens,
+ids shifted by ``id_shift``, a text without tokens as ``[unknown_id]``; each batch is padded on
+the right with ``pad_id`` to its longest row (at least ``min_width``), as the training batcher
+cuts its batches, and the graphs take int64 ids (N, L') with a dynamic token axis: the models
+mask the padding themselves. ``normalized=True`` takes such ids. A text trunk's output is
+several tensors (``features``, ``features_1``, ...), which its parts take by the same names.
+
 Each graph file is checked against the sha256 its JSON records before it is loaded, so a
-folder whose files come from two different exports is refused in one line instead of served.
+folder whose files come from two different exports is refused in one line instead of served
+(a text export's ``tokenizer.json`` too, always: a changed tokenizer would give other ids).
 The JSON itself is checked against its schema (:func:`schema_problem`) as it is read: a missing
 key, a wrong type or numbers that do not fit one another (a mean of 2 values for 3 channels)
 are one line too.
-This module imports numpy and onnxruntime only (and the project's torch-free modules).
+This module imports numpy and onnxruntime only (and the project's torch-free modules; a text
+export's ``tokenizers``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -45,29 +55,29 @@ import numpy as np
 import onnxruntime as ort
 
 from ..core.combine_numpy import ROUTINGS, combine, membership, route
+from ..core.digest import file_sha256
+from ..core.layout import LayoutError, raw_batch
 from ..errors import SpecialistsError
 
-__all__ = ["FEATURES", "FORMAT", "FORMAT_VERSION", "INPUT", "TRUNK_FORMAT_VERSION", "OUTPUT", "NumpyPreprocessing", "OnnxEnsemble", "OnnxGraph",
-           "OnnxModel"]
+__all__ = ["FEATURES", "FORMAT", "FORMAT_VERSION", "INPUT", "TEXT_FORMAT_VERSION", "TEXT_LAYOUT", "TOKENIZER_JSON",
+           "TRUNK_FORMAT_VERSION", "OUTPUT", "NumpyPreprocessing", "OnnxEnsemble", "OnnxGraph", "OnnxModel",
+           "TextPreprocessing"]
 
 FORMAT = "specialists-onnx"  # the "format" of every JSON an export writes
 FORMAT_VERSION = 1
 # an ensemble whose specialists share the generalist's trunk (``trunk.onnx``, run once per
 # batch): a runtime that knows only version 1 would feed raw inputs to the parts, so it refuses
 TRUNK_FORMAT_VERSION = 2
+# a text run's export: token-id graphs and the run's tokenizer.json (a runtime that knows only
+# versions 1 and 2 would feed them float arrays, so it refuses)
+TEXT_FORMAT_VERSION = 3
+VERSIONS = (FORMAT_VERSION, TRUNK_FORMAT_VERSION, TEXT_FORMAT_VERSION)
+TEXT_LAYOUT = "NL"  # a text export's preprocessing.layout (specialists.data.TEXT_LAYOUT, which imports torch)
+TOKENIZER_JSON = "tokenizer.json"  # a text export's tokenizer, beside its JSON
 INPUT, OUTPUT = "input", "probs"  # every graph's input and output names
 FEATURES = "features"  # a shared trunk's output name
 ENSEMBLE_JSON = "ensemble.json"
 SINGLE_MODELS = ("student", "generalist")  # <model>.json of a single-model export, the folder's choice in this order
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file (as :func:`specialists.rundir.io.file_sha256`, which imports torch)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_export_json(path: Path) -> dict:
@@ -80,9 +90,9 @@ def read_export_json(path: Path) -> dict:
         raise SpecialistsError(f"{path}: not a readable export description ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SpecialistsError(f"{path}: not a `specialists export` description (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version") not in (FORMAT_VERSION, TRUNK_FORMAT_VERSION):
-        raise SpecialistsError(f"{path}: export format version {meta.get('format_version')} is not "
-                               f"{FORMAT_VERSION} or {TRUNK_FORMAT_VERSION}: export the run again with this version")
+    if meta.get("format_version") not in VERSIONS:
+        raise SpecialistsError(f"{path}: export format version {meta.get('format_version')} is not one of "
+                               f"{', '.join(map(str, VERSIONS))}: export the run again with this version")
     why = schema_problem(meta)
     if why:
         raise SpecialistsError(f"{path}: not a valid export description ({why}): export the run again")
@@ -114,12 +124,28 @@ def _file_problem(entry, key: str) -> str | None:
     return None
 
 
-def _graph_problem(entry, key: str, outputs: int | None) -> str | None:
-    """Why ``entry`` is not a graph of ``outputs`` probabilities (None: a trunk's features; see
-    the export's module doc), or None."""
+def io_names(value, default: str) -> list[str] | None:
+    """A graph entry's ``input`` or ``output`` (absent: ``default``; a name, or a list of names
+    for a text trunk's several tensors) as a list of names, or None when it is neither."""
+    value = default if value is None else value
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names):
+        return None
+    return names
+
+
+def _graph_problem(entry, key: str, outputs: int | None, inputs: int = 1) -> str | None:
+    """Why ``entry`` is not a graph of ``inputs`` tensors (its ``input`` names) to ``outputs``
+    probabilities (None: a trunk's features; see the export's module doc), or None."""
     why = _file_problem(entry, key)
     if why:
         return why
+    names = io_names(entry.get("input"), INPUT)
+    if names is None or len(names) != inputs:
+        return f"'{key}.input' must be {inputs} distinct name{'s' if inputs > 1 else ''}, got {entry.get('input')!r}"
+    if io_names(entry.get("output"), OUTPUT if outputs is not None else FEATURES) is None:
+        return f"'{key}.output' must be a name or a list of distinct names, got {entry.get('output')!r}"
     extra = entry.get("external_data")
     if not isinstance(extra, list):
         return f"'{key}.external_data' must be a list"
@@ -139,17 +165,13 @@ def schema_problem(meta: dict) -> str | None:
     pre = meta.get("preprocessing")
     if not isinstance(pre, dict):
         return "no 'preprocessing' object"
-    shape = pre.get("input_shape")
-    if not isinstance(shape, list) or len(shape) not in (1, 3) or not all(_int(s, 1) for s in shape):
-        return f"'preprocessing.input_shape' must be [C, H, W] or [D] of positive integers, got {shape!r}"
-    unit = "channel" if len(shape) == 3 else "feature"
-    if not _numbers([pre.get("scale")]) or pre["scale"] <= 0:
-        return f"'preprocessing.scale' must be a positive number, got {pre.get('scale')!r}"
-    for key in ("mean", "std"):
-        if not _numbers(pre.get(key), shape[0]):
-            return f"'preprocessing.{key}' must be {shape[0]} numbers (one per {unit}), got {pre.get(key)!r}"
-    if min(pre["std"]) <= 0:
-        return "'preprocessing.std' must be positive"
+    text = pre.get("layout") == TEXT_LAYOUT
+    if text != (meta.get("format_version") == TEXT_FORMAT_VERSION):
+        return (f"format version {meta.get('format_version')} with preprocessing.layout {pre.get('layout')!r} "
+                f"(a text export, layout {TEXT_LAYOUT!r}, is version {TEXT_FORMAT_VERSION}, and only it)")
+    why = _text_problem(pre) if text else _numeric_problem(pre)
+    if why:
+        return why
     num_classes, names = meta.get("num_classes"), meta.get("class_names")
     if not _int(num_classes, 2):
         return f"'num_classes' must be an integer >= 2, got {num_classes!r}"
@@ -159,8 +181,13 @@ def schema_problem(meta: dict) -> str | None:
         return _graph_problem(meta.get("graph"), "graph", num_classes)
     if meta.get("kind") != "ensemble":
         return f"'kind' must be 'model' or 'ensemble', got {meta.get('kind')!r}"
-    why = (meta.get("trunk") and _graph_problem(meta["trunk"], "trunk", None)) or \
-        _graph_problem(meta.get("generalist"), "generalist", num_classes)
+    trunk = meta.get("trunk")
+    why = trunk and _graph_problem(trunk, "trunk", None)
+    if why:
+        return why
+    # the parts take the trunk's outputs, in order (the inputs themselves without a trunk)
+    inputs = len(io_names(trunk.get("output"), FEATURES)) if trunk else 1
+    why = _graph_problem(meta.get("generalist"), "generalist", num_classes, inputs)
     if why:
         return why
     specs = meta.get("specialists")
@@ -174,7 +201,7 @@ def schema_problem(meta: dict) -> str | None:
             return f"'{key}.classes' must be distinct class ids in 0..{num_classes - 1}"
         if not _int(e.get("id"), 0):
             return f"'{key}.id' must be an integer >= 0"
-        why = _graph_problem(e, key, len(classes) + 1)
+        why = _graph_problem(e, key, len(classes) + 1, inputs)
         if why:
             return why
     routing, comb = meta.get("routing"), meta.get("combine")
@@ -183,6 +210,45 @@ def schema_problem(meta: dict) -> str | None:
     if not isinstance(comb, dict) or not _int(comb.get("max_iter"), 0) or not _numbers([comb.get("tol")]) \
             or comb["tol"] < 0:
         return "'combine' must be {\"max_iter\": an integer >= 0, \"tol\": a number >= 0}"
+    return None
+
+
+def _numeric_problem(pre: dict) -> str | None:
+    """Why an image or vector export's ``preprocessing`` is not its schema, or None."""
+    shape = pre.get("input_shape")
+    if not isinstance(shape, list) or len(shape) not in (1, 3) or not all(_int(s, 1) for s in shape):
+        return f"'preprocessing.input_shape' must be [C, H, W] or [D] of positive integers, got {shape!r}"
+    unit = "channel" if len(shape) == 3 else "feature"
+    if not _numbers([pre.get("scale")]) or pre["scale"] <= 0:
+        return f"'preprocessing.scale' must be a positive number, got {pre.get('scale')!r}"
+    for key in ("mean", "std"):
+        if not _numbers(pre.get(key), shape[0]):
+            return f"'preprocessing.{key}' must be {shape[0]} numbers (one per {unit}), got {pre.get(key)!r}"
+    if min(pre["std"]) <= 0:
+        return "'preprocessing.std' must be positive"
+    return None
+
+
+def _text_problem(pre: dict) -> str | None:
+    """Why a text export's ``preprocessing`` is not its schema (the encoding and padding
+    :class:`TextPreprocessing` applies, and nothing else), or None."""
+    shape, length = pre.get("input_shape"), pre.get("max_length")
+    if not isinstance(shape, list) or len(shape) != 1 or not _int(shape[0], 1) or length != shape[0]:
+        return f"'preprocessing.input_shape' must be [max_length] and max_length a positive integer, got " \
+               f"{shape!r} and {length!r}"
+    why = _file_problem(pre.get("tokenizer"), "preprocessing.tokenizer")
+    if why:
+        return why
+    vocab = pre.get("vocab_size")
+    if not _int(vocab, 2):
+        return f"'preprocessing.vocab_size' must be an integer >= 2, got {vocab!r}"
+    for key, low, high in (("pad_id", 0, vocab - 1), ("id_shift", 0, 1), ("unknown_id", 0, vocab - 1),
+                           ("min_width", 1, length)):
+        if not _int(pre.get(key), low) or pre[key] > high:
+            return f"'preprocessing.{key}' must be an integer in {low}..{high}, got {pre.get(key)!r}"
+    if pre.get("padding") != "right" or pre.get("width") != "longest" or pre.get("add_special_tokens") is not False:
+        return ("'preprocessing' must pad on the right (\"padding\": \"right\") to each batch's longest row "
+                "(\"width\": \"longest\"), without special tokens (\"add_special_tokens\": false)")
     return None
 
 
@@ -202,23 +268,13 @@ class NumpyPreprocessing:
         self.mean = np.asarray(info["mean"], dtype=np.float32).reshape(shape)
         self.std = np.asarray(info["std"], dtype=np.float32).reshape(shape)
 
-    def to_batch(self, x) -> np.ndarray:
-        """Raw input -> (N, C, H, W) or (N, D) in raw units (shapes as ``Preprocessing.to_batch``)."""
-        x = np.asarray(x)
-        if not self.is_image:
-            x = x.reshape(len(x), -1)
-            if x.shape[1] != self.input_shape[0]:
-                raise SpecialistsError(f"expected vectors of {self.input_shape[0]} features, got {x.shape[1]}")
-            return x
-        c, h, w = self.input_shape
-        if x.ndim == 3:
-            x = x[None] if x.shape in ((c, h, w), (h, w, c)) else x[:, None]
-        if x.ndim == 4 and x.shape[1:] == (h, w, c) and x.shape[1:] != (c, h, w):
-            x = x.transpose(0, 3, 1, 2)
-        if x.ndim != 4 or x.shape[1:] != (c, h, w):
-            raise SpecialistsError(f"expected images of shape (N, {h}, {w}, {c}) or (N, {c}, {h}, {w}), "
-                                   f"got {tuple(x.shape)}")
-        return x
+    def to_batch(self, x, layout: str | None = None) -> np.ndarray:
+        """Raw input -> (N, C, H, W) or (N, D) in raw units: :func:`specialists.core.layout.raw_batch`,
+        which ``Preprocessing.to_batch`` calls too (so both accept the same shapes)."""
+        try:
+            return raw_batch(x, self.input_shape, layout)
+        except LayoutError as exc:
+            raise SpecialistsError(str(exc)) from None
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """A raw batch in the stored layout -> float32 ``(x / divisor - mean) / std``."""
@@ -231,16 +287,100 @@ class NumpyPreprocessing:
         return self.normalize(self.to_batch(x))
 
 
+class TextPreprocessing:
+    """Texts -> int64 token ids (N, L'), as the run's training batches held them, in numpy.
+
+    ``info``: a text export JSON's ``preprocessing``; ``folder``: where its ``tokenizer.json``
+    lies, checked against the recorded sha256 before it is loaded (a changed tokenizer gives
+    other ids). The steps of :meth:`specialists.data.TextEncoder.encode` and of the training
+    batcher: the ``tokenizers`` tokenizer without special tokens, truncated to ``max_length``
+    tokens; ids + ``id_shift``; a text without tokens -> ``[unknown_id]``; every row padded on
+    the right with ``pad_id`` to the batch's longest row, and to at least ``min_width``. (The
+    models ignore padding: the width changes nothing, and ``min_width`` lets a graph traced on
+    rows as wide as its widest convolution window take shorter texts.)
+    """
+
+    def __init__(self, info: dict, folder: Path):
+        path = folder / info["tokenizer"]["file"]
+        if not path.is_file():
+            raise SpecialistsError(f"missing file: {path} (the tokenizer the export's JSON lists): copy it from the "
+                                   "export, or export the run again")
+        if file_sha256(path) != info["tokenizer"]["sha256"]:
+            raise SpecialistsError(f"{path} is not the tokenizer its export's JSON describes (sha256 differs): "
+                                   "export the run again")
+        from tokenizers import Tokenizer  # the one dependency of a text export beyond onnxruntime (no torch)
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions
+            raise SpecialistsError(f"{path}: not a tokenizer.json of the tokenizers library "
+                                   f"({' '.join(str(exc).split())})") from None
+        self.max_length, self.min_width = int(info["max_length"]), int(info["min_width"])
+        self.input_shape = (self.max_length,)
+        self.pad_id, self.shift, self.unknown_id = int(info["pad_id"]), int(info["id_shift"]), int(info["unknown_id"])
+        self.vocab_size = int(info["vocab_size"])
+        self.tokenizer.no_padding()  # padding is ours, per batch
+        self.tokenizer.enable_truncation(self.max_length)
+
+    @staticmethod
+    def texts(x) -> list[str]:
+        """A string or a sequence of strings -> a list of them; anything else is one line."""
+        if isinstance(x, str):
+            return [x]
+        if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.ndim == 1):
+            bad = next((i for i, t in enumerate(x) if not isinstance(t, str)), None)
+            if bad is None:
+                return [str(t) for t in x]
+            raise SpecialistsError(f"a text model takes texts (a string or a list of strings): item {bad} is not a "
+                                   f"string ({type(x[bad]).__name__})")
+        what = f"an array of {x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise SpecialistsError(f"a text model takes texts (a string or a list of strings), got {what} (token ids: "
+                               "predict_proba(ids, normalized=True))")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Texts -> int64 (N, max(longest row, min_width)) ids, padded on the right."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        rows = [np.asarray(e.ids, np.int64) + self.shift if e.ids else np.asarray([self.unknown_id], np.int64)
+                for e in encodings]
+        out = np.full((len(rows), max([self.min_width, *map(len, rows)])), self.pad_id, np.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return out
+
+    def ids(self, x) -> np.ndarray:
+        """Token ids already encoded, int (N, L' <= max_length) -> int64, padded to ``min_width``."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.dtype.kind not in "iu" or x.shape[1] > self.max_length:
+            raise SpecialistsError(f"expected token ids (N, L <= {self.max_length}) int, got {x.dtype} {x.shape}")
+        if x.size and (x.min() < 0 or x.max() >= self.vocab_size):
+            raise SpecialistsError(f"token ids must be in 0..{self.vocab_size - 1} ({self.pad_id} pads)")
+        if x.shape[1] < self.min_width:
+            x = np.pad(x, ((0, 0), (0, self.min_width - x.shape[1])), constant_values=self.pad_id)
+        return np.ascontiguousarray(x, dtype=np.int64)
+
+    def __call__(self, x) -> np.ndarray:
+        return self.encode(self.texts(x))
+
+
+def _rows(x, rows: np.ndarray):
+    """Rows ``rows`` of a batch: an array, or a tuple of arrays batched on axis 0 (a text trunk's output)."""
+    return tuple(np.ascontiguousarray(a[rows]) for a in x) if isinstance(x, tuple) else np.ascontiguousarray(x[rows])
+
+
 class OnnxGraph:
     """One graph of an export, described by ``entry`` (a JSON's ``graph``, ``trunk``,
-    ``generalist`` or one of its ``specialists``): ``run(x)`` (B, *input_shape) float32 ->
-    (B, outputs) float32 probabilities, or a trunk's (B, *features) float32 (``outputs`` None)."""
+    ``generalist`` or one of its ``specialists``): ``run(x)`` (B, *input_shape) float32 (a text
+    graph: int64 ids (B, L')) -> (B, outputs) float32 probabilities, or a trunk's (B, *features)
+    float32 (``outputs`` None). A text trunk's output is a tuple of arrays (``output`` a list of
+    names), and its parts take such a tuple, fed to their ``input`` names in order."""
 
     def __init__(self, folder: Path, entry: dict, threads: int | None, providers: Sequence[str] | None,
                  check: bool):
         self.path = folder / entry["file"]
-        self.output = entry.get("output", OUTPUT)
-        self.outputs = int(entry["outputs"]) if self.output == OUTPUT else None
+        self.inputs = io_names(entry.get("input"), INPUT)
+        self.output = io_names(entry.get("output"), OUTPUT)
+        self.several = isinstance(entry.get("output"), list)  # a tuple out, even of one array
+        self.outputs = int(entry["outputs"]) if self.output == [OUTPUT] else None
         files = [(self.path, entry["sha256"])] + [(folder / d["file"], d["sha256"]) for d in entry["external_data"]]
         for path, sha in files:
             if not path.is_file():
@@ -257,24 +397,31 @@ class OnnxGraph:
         except Exception as exc:  # onnxruntime's own errors (a damaged graph, an unknown provider)
             raise SpecialistsError(f"{self.path}: onnxruntime cannot load it ({' '.join(str(exc).split())})") from None
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output], {INPUT: x})[0]
+    def run(self, x):
+        """An array (or a tuple of arrays, one per ``input``) -> an array (a tuple for several outputs)."""
+        out = self.session.run(self.output, dict(zip(self.inputs, x if isinstance(x, tuple) else (x,))))
+        return tuple(out) if self.several else out[0]
 
 
 class _Served:
     """What every served export shares: the preprocessing, batching and class names."""
 
-    def __init__(self, meta: dict, batch_size: int):
+    def __init__(self, meta: dict, batch_size: int, folder: Path):
         self.meta = meta
         self.batch_size = batch_size
         self.class_names: list[str] = list(meta["class_names"])
         self.num_classes: int = int(meta["num_classes"])
-        self.preprocessing = NumpyPreprocessing(meta["preprocessing"])
+        pre = meta["preprocessing"]
+        self.text = TextPreprocessing(pre, folder) if pre.get("layout") == TEXT_LAYOUT else None
+        self.preprocessing = self.text or NumpyPreprocessing(pre)
         self.input_shape = self.preprocessing.input_shape
 
     def preprocess(self, x, normalized: bool = False) -> np.ndarray:
         """Raw inputs (see the module doc) -> normalized float32 (N, *input_shape); with
-        ``normalized``, ``x`` already is (only converted and checked)."""
+        ``normalized``, ``x`` already is (only converted and checked). A text export: texts ->
+        int64 ids (N, L'); with ``normalized``, ``x`` are such ids."""
+        if self.text is not None:
+            return self.text.ids(x) if normalized else self.text(x)
         if not normalized:
             return self.preprocessing(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -289,6 +436,8 @@ class _Served:
 
     def predict_proba(self, x, normalized: bool = False) -> np.ndarray:
         """Probabilities (N, C) float32, in chunks of ``batch_size``."""
+        if self.text is not None and not normalized:
+            x = self.text.texts(x)  # one string is one text: chunks of texts, not of characters
         out = [self.proba(self.preprocess(x[i:i + self.batch_size], normalized))
                for i in range(0, len(x), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
@@ -322,7 +471,7 @@ class OnnxModel(_Served):
         if meta.get("kind") != "model":
             raise SpecialistsError(f"{path}: describes an export of kind '{meta.get('kind')}', not one model "
                                    "(serve an ensemble with OnnxEnsemble)")
-        super().__init__(meta, batch_size)
+        super().__init__(meta, batch_size, path.parent)
         self.model = meta["model"]
         self.graph = OnnxGraph(path.parent, meta["graph"], threads, providers, check)
 
@@ -348,7 +497,7 @@ class OnnxEnsemble(_Served):
         meta = read_export_json(path)
         if meta.get("kind") != "ensemble":
             raise SpecialistsError(f"{path}: describes an export of kind '{meta.get('kind')}', not an ensemble")
-        super().__init__(meta, batch_size)
+        super().__init__(meta, batch_size, path.parent)
         folder = path.parent
         # shared trunk (specialists.branch): one pass per batch; the parts take its features
         self.trunk = OnnxGraph(folder, meta["trunk"], threads, providers, check) if meta.get("trunk") else None
@@ -364,17 +513,19 @@ class OnnxEnsemble(_Served):
     def components(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """Normalized batch (B, ...) -> (p_general (B, C), [p_m (B, |S_m| + 1)], active (B, M));
         rows a specialist did not run on hold zeros (ignored by the combination). With a shared
-        trunk, the trunk runs once and the generalist and each specialist take its features."""
+        trunk, the trunk runs once and the generalist and each specialist take its features
+        (a text trunk's: a tuple of arrays)."""
+        n = len(x)
         if self.trunk is not None:
             x = self.trunk.run(x)
         p_g = self.generalist.run(x)
         active = route(p_g, self.membership, self.top_n, self.routing)
         p_specs = []
         for m, graph in enumerate(self.specialists):
-            out = np.zeros((len(x), graph.outputs), np.float32)
+            out = np.zeros((n, graph.outputs), np.float32)
             rows = np.flatnonzero(active[:, m])
             if rows.size:
-                out[rows] = graph.run(x if rows.size == len(x) else np.ascontiguousarray(x[rows]))
+                out[rows] = graph.run(x if rows.size == n else _rows(x, rows))
             p_specs.append(out)
         return p_g, p_specs, active
 

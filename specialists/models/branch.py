@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import SpecialistsError
 from .builtin import _ResNetFeatures
-from .registry import Classifier
+from .classifier import Classifier
 from .text import PAD_ID, BiLSTMFeatures, TextCNNFeatures, TransformerFeatures, conv_pool, masked_pool, run_lstm
 
 ALL = "all"  # specialists.branch: the whole network

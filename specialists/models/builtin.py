@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .registry import Classifier, register
+from .classifier import Classifier
+from .registry import register
 
 
 def _numel(shape) -> int:

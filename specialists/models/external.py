@@ -20,7 +20,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ModelError, SpecialistsError, one_line
-from .registry import Classifier
+from .classifier import Classifier
 
 
 def resolve(prefix: str, rest: str) -> Callable[[int, tuple], nn.Module]:

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, SpecialistsError, one_line
+from . import external
+from .classifier import Classifier
 
 MODELS: Dict[str, Callable] = {}
 TEXT_MODELS: set = set()  # the registered names that read token ids (see specialists.models.text)
@@ -42,34 +44,9 @@ def register(name: str, text: bool = False):
     return wrap
 
 
-class Classifier(nn.Module):
-    """``head(features(x))``. ``x``: (B, C, H, W) or (B, D) float; returns logits (B, classes).
-
-    ``head_name``: for a model from a library, the name its own state dict gives the head
-    (``fc``, ``classifier.1``, ...), so a checkpoint written by that library loads as it is.
-    """
-
-    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int, head: nn.Linear | None = None,
-                 head_name: str | None = None):
-        super().__init__()
-        self.features = features
-        self.feature_dim = feature_dim
-        self.head = head if head is not None else nn.Linear(feature_dim, num_classes)
-        self.head_name = head_name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
-
-
 def build_model(model_cfg, num_classes: int, input_shape: tuple, vocab_size: int | None = None) -> Classifier:
     """The one factory. ``input_shape``: (C, H, W) for images, (D,) for vectors, or (L,) for
     token ids of text (then ``vocab_size`` is the tokenizer's and the model must be a text model)."""
-    from . import external
-
     name = model_cfg.name
     prefix = name.split(":", 1)[0] if ":" in name else None
     text = vocab_size is not None
@@ -120,8 +97,6 @@ def check_model(model_cfg, num_classes: int, input_shape: tuple, vocab_size: int
 
 def check_model_name(name: str) -> str | None:
     """Why ``name`` names no model (None when it does): for the config's one-line error."""
-    from . import external
-
     if ":" not in name:
         return None if name in MODELS else (f"'{name}' is not one of {', '.join(sorted(MODELS))} (or timm:ARCH, "
                                             "torchvision:ARCH, python:module:function)")

@@ -35,6 +35,7 @@ from ..core.trees import (
     tree_loss,
     window_decays,
 )
+from ..errors import ModelError
 from .registry import register
 
 DEFAULT_DEPTH = 8
@@ -57,7 +58,7 @@ class SoftDecisionTree(nn.Module):
     def __init__(self, input_shape: tuple, num_classes: int, depth: int = DEFAULT_DEPTH):
         super().__init__()
         if depth < 1:
-            raise ValueError(f"a soft tree needs depth >= 1, got {depth}")
+            raise ModelError(f"a soft tree needs depth >= 1, got {depth}")
         self.input_shape, self.depth = tuple(int(s) for s in input_shape), int(depth)
         features = 1
         for s in self.input_shape:

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .registry import Classifier, register
+from ..core.tokens import PAD_ID  # the tokenizer's padding id: rows are padded on the right with it
+from ..errors import ModelError
+from .classifier import Classifier
+from .registry import register
 
-PAD_ID = 0  # the tokenizer's padding id: rows are padded on the right with it
 POOLINGS = ("mean", "max")
 
 
@@ -31,7 +33,7 @@ def masked_pool(h: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 def _pooling(cfg) -> str:
     how = cfg.pooling or "mean"
     if how not in POOLINGS:
-        raise ValueError(f"model.pooling={how!r} is not one of {', '.join(POOLINGS)}")
+        raise ModelError(f"model.pooling={how!r} is not one of {', '.join(POOLINGS)}")
     return how
 
 
@@ -137,7 +139,7 @@ class TransformerFeatures(nn.Module):
 def textcnn(cfg, num_classes: int, input_shape: tuple, vocab_size: int) -> Classifier:
     """Embedding ``width`` (128); 100 filters of widths 3, 4, 5; F = 300. ``depth`` is not used."""
     if cfg.pooling not in (None, "max"):
-        raise ValueError(f"model.pooling={cfg.pooling!r}: textcnn always max-pools over time (a filter detects its "
+        raise ModelError(f"model.pooling={cfg.pooling!r}: textcnn always max-pools over time (a filter detects its "
                          "n-gram wherever it occurs); leave pooling unset or 'max', or use bilstm/transformer")
     features = TextCNNFeatures(vocab_size, cfg.width or 128, dropout=cfg.dropout or 0.0)
     return Classifier(features, features.out_dim, num_classes)

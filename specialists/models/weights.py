@@ -18,7 +18,7 @@ import torch
 
 from ..core.checks import first_non_finite
 from ..errors import SpecialistsError, one_line
-from .registry import Classifier
+from .classifier import Classifier
 
 log = logging.getLogger("specialists")
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..core.covariance import normalize_columns
+from ..data import batcher_for
 from ..rundir import Run
 from ..rundir.config import TREE, student_model_config
 from ..rundir.io import read_json, read_npy, write_json, write_text
 from . import ablation, evaluation, student
 from . import frontier as frontier_report
+from . import summary as summary_table
 from .controls import control_rows
 from .plots import (
     plot_ablation,
@@ -115,7 +117,7 @@ def tree_plots(run: Run) -> None:
     filters = tree.inner.weight.detach().numpy()
     plot_tree(filters, tree.leaf_log_q().exp().detach().numpy(), names, shape, run.tree_png,
               subject=f"soft decision tree student (teacher: {run.cfg.student.teacher})")
-    x = run.data.batcher(run.data.test, cpu).batch(torch.arange(1))[0]
+    x = batcher_for(run.data, run.data.test, cpu).batch(torch.arange(1))[0]
     (path,) = tree.decision_paths(x)
     plot_tree_path(x[0].flatten().numpy(), filters[[d["node"] for d in path["decisions"]]], path["decisions"],
                    path["leaf_q"].numpy(), names, shape, run.tree_path_png,
@@ -133,3 +135,8 @@ def run_summary(run: Run) -> str:
     reports = sorted(str(p) for p in run.dir.glob("*/*") if p.suffix in (".md", ".png") and run.rel(p) not in shown)
     return "\n".join([evaluation.print_summary(ev, run.dir, control_rows(run), _frontier(run)), "", "Reports:"]
                      + [f"  {p}" for p in reports])
+
+
+def summary(run: Run) -> None:
+    """``summary.csv``: one row per model so far (rendered after every stage)."""
+    write_text(run.summary_csv, summary_table.render_csv(summary_table.rows(run.dir)))

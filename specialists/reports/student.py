@@ -3,8 +3,37 @@ honest sentence on what the specialists added beyond distillation alone."""
 
 from __future__ import annotations
 
+import torch
+
+from ..core import metrics
 from .format import seconds
 from .frontier import best_control_sentence
+
+# The student stage's models, in the order its tables list them, and their names there
+ROWS = ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists", "cascade")
+NAMES = {"generalist": "generalist", "ensemble": "routed ensemble (generalist + specialists)",
+         "born_again": "born-again student (teacher: generalist)",
+         "two_generalists": "two-generalist average (second seed)", "hard_labels": "the same tree on hard labels",
+         "cascade": "cascade: the second generalist only where the first is unsure"}
+
+
+def comparisons(top1: dict, secs: dict, flops: dict, teacher: str, is_tree: bool) -> dict:
+    """``metrics.json``'s ``comparisons``: each model's name, test top-1, seconds and FLOPs per
+    example, for the models of ``top1`` (a key per model, see :data:`ROWS`)."""
+    names = {**NAMES, "student": (f"soft tree distilled from the {teacher}" if is_tree else
+                                  f"student of the {'ensemble' if teacher == 'ensemble' else teacher + ' teacher'}")}
+    return {k: {"name": names[k], "test_top1": top1[k], "seconds_per_example": secs.get(k),
+                "flops_per_example": flops.get(k)} for k in ROWS if k in top1}
+
+
+def gain(p_control: torch.Tensor, p_student: torch.Tensor, y: torch.Tensor, bootstrap: int, seed: int) -> dict:
+    """The student's test top-1 minus a control's (probabilities (N, C), labels (N,)), in points,
+    with a paired-bootstrap 95% interval of ``bootstrap`` resamples."""
+    boot = metrics.paired_bootstrap(metrics.topk_correct(p_control, y), metrics.topk_correct(p_student, y),
+                                    bootstrap, seed)
+    points = 100 * (metrics.accuracy(p_student, y) - metrics.accuracy(p_control, y))
+    return {"points": points, "ci95_points": [100 * c for c in boot["ci95"]] if boot.get("ci95") else None,
+            "test_examples": int(len(y))}
 
 
 def gain_sentence(result: dict) -> str:
@@ -82,7 +111,7 @@ def render_markdown(result: dict, frontier: dict | None = None) -> str:
              f"Inference time per example: median of {result['timing_repeats']} interleaved passes over {result['timing_examples']} test examples.", "",
              "| model | test top-1 | change vs generalist | inference time / example | x generalist |",
              "|---|---:|---:|---:|---:|"]
-    for key in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists", "cascade"):
+    for key in ROWS:
         if key not in c:
             continue
         r = c[key]

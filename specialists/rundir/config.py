@@ -5,17 +5,26 @@ may name a ``base:`` YAML of its own, resolved relative to it), then the command
 overrides. Every entry point calls it, so the whole config (all sections, used or not) is
 validated before any work starts: unknown keys, wrong types and impossible values stop with
 one :class:`ConfigError` line that names the key.
+
+Each section's dataclass declares the values each of its settings takes beside its fields
+(``_constraints``, :mod:`specialists.rundir.constraints`); one checker walks them all, then
+:func:`_cross_rules` checks the rules between settings. Checks that touch this machine (files
+exist, the user's modules import, timm and torchvision names resolve) are
+:func:`check_environment`'s: ``load_config`` runs them once, in the process that starts the
+work; a Ray worker, another torchrun rank or a reopened run (:func:`config_from_yaml_text`)
+checks only the config itself. Adding a section is one dataclass (fields and constraints) and
+one field of :class:`Config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import copy
+import functools
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -34,8 +43,12 @@ from ..data.synthetic import VARIANTS
 from ..data.user import python_entry
 from ..device import DEVICES
 from ..errors import ConfigError, one_line
-from ..models import TEXT_MODELS, check_model_name
+from ..models import MODELS, PREFIXES, TEXT_MODELS, check_model_name
 from ..models.branch import builtin_block_count, parse_branch
+from .constraints import Each, File, Interval, NonEmpty, Options, Parsed, Prefix, check_constraints, sections
+from .track import BACKENDS as TRACK_BACKENDS
+from .track import WANDB_MODES
+from .track import check_environment as check_trackers
 
 # The config choices implemented above this layer: the student stage's teachers, the executors
 # of independent jobs (engine/executors.py).
@@ -52,6 +65,27 @@ EXECUTORS = ("local", "ray")
 # (AdamW lr 0.003: 95.1%, 0.03: 94.4%); synthetic images (quickstart), 5 epochs, 27.4% against
 # 16.4% (lr 0.003: 35.4%, 0.03: 28.4%).
 TREE_OPTIMIZER = {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.0}
+
+
+def _importable_data(name: str) -> Optional[str]:
+    """Why ``data.name=python:module:function`` names no data set here (None when it does)."""
+    try:
+        python_entry(name)
+    except Exception as exc:  # SpecialistsError: cannot import it; or the module's own error
+        return one_line(exc)
+    return None
+
+
+# Constraints several sections share (see the ``_constraints`` of each section below)
+# seeds are 32-bit unsigned: numpy's legacy range (faiss gets them reduced to its C int); torch,
+# numpy and faiss each refuse another range, some only after earlier stages finished
+SEED = Interval(int, 0, 2**32 - 1, note="a 32-bit seed")
+WHOLE_1 = Interval(int, 1)  # a count of at least one
+WHOLE_0 = Interval(int, 0)
+SHARE = Interval(float, 0, 1)  # a share or weight in [0, 1]
+MODEL_NAME = [Options(MODELS), Prefix(tuple(f"{p}:" for p in PREFIXES), "timm:ARCH, torchvision:ARCH or "
+                                      "python:module:function", resolve=check_model_name)]
+POOLINGS = ("mean", "max")
 
 
 @dataclass
@@ -87,6 +121,21 @@ class DataConfig:
     vocab_size: int = 8000  # a trained tokenizer's vocabulary
     max_length: int = 128  # tokens kept per text (longer ones are cut)
 
+    _constraints: ClassVar[dict] = {
+        "name": [Options(DATASETS), Prefix(("python:",), "python:MODULE:FUNCTION", resolve=_importable_data)],
+        "path": [None, str], "download": [bool], "val_fraction": [Interval(float, 0, 1, "neither")],
+        "split_seed": [SEED], "augment": [Options(("auto", *AUGMENTATIONS))], "crop_padding": [WHOLE_0],
+        "max_train": [None, WHOLE_1], "remap_labels": [bool], "num_super": [WHOLE_1],
+        "classes_per_super": [WHOLE_1], "train_per_class": [Interval(int, 2)], "test_per_class": [WHOLE_1],
+        "image_size": [Interval(int, 4)], "variant": [Options(VARIANTS)],
+        "difficulty": [Interval(float, 0, 100, "right")], "emnist_split": [str], "resize": [None, Interval(int, 4)],
+        "storage": [Options(STORAGES)], "workers": [WHOLE_0], "memory_budget_gb": [Interval(float, 0, None, "neither")],
+        "text_field": [str], "label_field": [str], "coarse_field": [None, str],
+        "tokenizer": [Options(TOKENIZERS), File("a tokenizer.json file")],
+        "vocab_size": [Interval(int, 64)],  # bpe: >= 258 (_cross_rules)
+        "max_length": [Interval(int, 1, 65536)],
+    }
+
 
 @dataclass
 class ModelConfig:
@@ -96,6 +145,12 @@ class ModelConfig:
     dropout: float = 0.0
     pooling: Optional[str] = None  # text models: mean | max over the unpadded tokens (bilstm, transformer; default mean)
     pretrained: Optional[str] = None  # a local weights file (safetensors, or a .pt/.pth/.bin state dict)
+
+    _constraints: ClassVar[dict] = {
+        "name": MODEL_NAME, "width": [None, WHOLE_1], "depth": [None, WHOLE_0],
+        "dropout": [Interval(float, 0, 1, "left")], "pooling": [None, Options(POOLINGS)],
+        "pretrained": [None, File()],
+    }
 
 
 @dataclass
@@ -114,10 +169,19 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_batch_size: int = 1024
 
+    _constraints: ClassVar[dict] = {
+        "epochs": [WHOLE_0], "batch_size": [WHOLE_1], "optimizer": [Options(OPTIMIZERS)],
+        "lr": [Interval(float, 0, 100, "right")], "momentum": [Interval(float, 0, 1, "left")], "nesterov": [bool],
+        "weight_decay": [SHARE], "schedule": [Options(SCHEDULES)], "warmup_epochs": [Interval(float, 0)],
+        "label_smoothing": [Interval(float, 0, 1, "left")], "eval_batch_size": [WHOLE_1],
+    }
+
 
 @dataclass
 class GeneralistConfig(TrainConfig):
     init: Optional[str] = None  # a trained classifier's weights to start from (epochs=0: used as they are)
+
+    _constraints: ClassVar[dict] = {"init": [None, File()]}
 
 
 @dataclass
@@ -125,6 +189,10 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the soft loss; (1 - alpha) on the hard labels
     loss: str = "kl"  # kl | mse_logits | mse_probs
+
+    _constraints: ClassVar[dict] = {
+        "temperature": [Interval(float, 0, MAX_TEMPERATURE, "right")], "alpha": [SHARE], "loss": [Options(LOSS_KINDS)],
+    }
 
 
 @dataclass
@@ -143,6 +211,13 @@ class SubsetsConfig:
     # every class in about that many); None = the partition (= 1). At most num_specialists.
     coverage: Optional[int] = None
 
+    _constraints: ClassVar[dict] = {  # and between them: _cross_rules
+        "num_specialists": [WHOLE_1], "mode": [Options(MODES)], "classes_per_specialist": [None, WHOLE_1],
+        "split": [Options(HELD_IN_SPLITS)], "normalize": [Options(NORMALIZATIONS)], "method": [Options(METHODS)],
+        "niter": [WHOLE_1], "min_size": [WHOLE_1], "max_size": [None, WHOLE_1], "leave_unwanted": [bool],
+        "coverage": [None, WHOLE_1],
+    }
+
 
 @dataclass
 class SpecialistsConfig(TrainConfig):
@@ -159,14 +234,26 @@ class SpecialistsConfig(TrainConfig):
     branch: str = "all"  # all (whole network) | k: a specialist owns the last k blocks + head, the trunk is shared
     cache_trunk: Optional[bool] = None  # shared trunk: reuse its outputs per example (None: when not augmenting)
 
+    _constraints: ClassVar[dict] = {
+        "phases": [Options(PHASES)], "phase_unit": [Options(PHASE_UNITS)], "phase_steps": [WHOLE_1],
+        "soft_share": [SHARE], "soft_alpha": [SHARE], "subset_fraction": [Interval(float, 0, 1, "neither")],
+        "dustbin_correction": [Options(DUSTBIN_CORRECTIONS)],
+        "branch": [Parsed(parse_branch, "'all' nor a whole number of blocks >= 0")], "cache_trunk": [None, bool],
+    }
+
 
 @dataclass
 class CombineConfig:
-    solver: str = "em"  # em | closed_form | gradient
+    solver: str = "em"  # em | gradient (the slow reference)
     top_n: int = 1  # route to specialists holding any of the generalist's top-n classes
     routing: str = "routed"  # routed | all
     max_iter: int = 200
     tol: float = 1e-6
+
+    _constraints: ClassVar[dict] = {
+        "solver": [Options(SOLVERS)], "top_n": [WHOLE_1], "routing": [Options(ROUTINGS)], "max_iter": [WHOLE_1],
+        "tol": [Interval(float, 0, 1, "neither", note="a change of probability")],
+    }
 
 
 @dataclass
@@ -174,6 +261,8 @@ class EvaluateConfig:
     bootstrap: int = 2000  # paired-bootstrap resamples for the 95% interval
     ece_bins: int = 15
     timing_batches: int = 5
+
+    _constraints: ClassVar[dict] = {"bootstrap": [WHOLE_0], "ece_bins": [WHOLE_1], "timing_batches": [WHOLE_1]}
 
 
 @dataclass
@@ -187,6 +276,11 @@ class AblateConfig:
     # where the first is unsure, as many FLOPs per example as the routed ensemble
     cascade: bool = True
 
+    _constraints: ClassVar[dict] = {
+        "counts": [Each(WHOLE_1)], "order": [Options(ABLATION_ORDERS)], "seed": [SEED], "control": [bool],
+        "cascade": [bool],
+    }
+
 
 @dataclass
 class StudentModelConfig:
@@ -196,6 +290,14 @@ class StudentModelConfig:
     dropout: Optional[float] = None
     pooling: Optional[str] = None
     pretrained: Optional[str] = None  # a .safetensors file the student (and its born-again twin) starts from
+
+    # a soft_tree student's own rules: _cross_rules
+    _constraints: ClassVar[dict] = {
+        "name": [None, *MODEL_NAME], "width": [None, WHOLE_1], "depth": [None, WHOLE_0],
+        "dropout": [None, Interval(float, 0, 1, "left")], "pooling": [None, Options(POOLINGS)],
+        "pretrained": [None, File("a .safetensors file", suffix=".safetensors",
+                                  note="a student starts only from safetensors weights")],
+    }
 
 
 @dataclass
@@ -207,6 +309,10 @@ class SoftTreeConfig:
     loss: str = "expected"  # expected (each leaf's cross-entropy, path-weighted) | mixture (the mixture's)
     penalty: float = 0.1  # lambda of the balance penalty, times 2^-depth at each level
     window: float = 1.0  # the root's running-average window in steps, doubling per level
+
+    _constraints: ClassVar[dict] = {
+        "loss": [Options(TREE_LOSSES)], "penalty": [Interval(float, 0, 100)], "window": [Interval(float, 1, note="steps")],
+    }
 
 
 @dataclass
@@ -223,12 +329,21 @@ class StudentConfig(TrainConfig):
     model: StudentModelConfig = field(default_factory=StudentModelConfig)
     tree: SoftTreeConfig = field(default_factory=SoftTreeConfig)
 
+    _constraints: ClassVar[dict] = {  # which teacher needs which of them: _cross_rules
+        "enabled": [bool], "teacher": [Options(TEACHERS)], "teacher_probs": [None, File(expand=False)],
+        "teacher_url": [None, Prefix(("http://", "https://"), "an http:// or https:// URL")],
+        "query_budget": [None, WHOLE_1], "query_batch_size": [WHOLE_1], "query_retries": [WHOLE_0],
+        "unlabelled": [None, File()], "controls": [bool],
+    }
+
 
 @dataclass
 class DistributedTrainConfig:
     """Training under torchrun (several processes, one model)."""
 
     sync_bn: bool = False  # BatchNorm statistics over all ranks (SyncBatchNorm) instead of per rank
+
+    _constraints: ClassVar[dict] = {"sync_bn": [bool]}
 
 
 @dataclass
@@ -243,6 +358,28 @@ class LaunchConfig:
     # torchrun: minutes a rank waits for its peers (to join, then at each collective) before it
     # gives up in one line; torch's own default is 30 minutes of silence
     dist_timeout: float = 10.0
+
+    _constraints: ClassVar[dict] = {
+        "executor": [Options(EXECUTORS)], "address": [str], "gpus_per_job": [Interval(float, 0)],
+        "cpus_per_job": [Interval(float, 0, None, "neither")], "max_retries": [WHOLE_0],
+        "dist_timeout": [Interval(float, 0, 24 * 60, "right", note="minutes")],
+    }
+
+
+@dataclass
+class TrackConfig:
+    """Experiment trackers (:mod:`specialists.rundir.track`): what a run logs while it runs."""
+
+    backends: List[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard | mlflow | wandb
+    log_every: int = 50  # steps between per-step logs (loss, learning rate) of a backend beyond csv
+    mlflow_uri: str = ""  # "": a SQLite store RUN_DIR/mlflow.db; or sqlite:///..., http(s)://server
+    wandb_project: str = "specialists"
+    wandb_mode: str = "offline"  # offline (nothing leaves the machine) | online | disabled
+
+    _constraints: ClassVar[dict] = {
+        "backends": [Each(Options(TRACK_BACKENDS))], "log_every": [WHOLE_1], "mlflow_uri": [str],
+        "wandb_project": [NonEmpty("a W&B project name")], "wandb_mode": [Options(WANDB_MODES)],
+    }
 
 
 @dataclass
@@ -262,12 +399,23 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     train: DistributedTrainConfig = field(default_factory=DistributedTrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    _constraints: ClassVar[dict] = {"run_dir": [NonEmpty("a non-empty path")], "seed": [SEED],
+                                    "device": [Options(DEVICES)]}
 
 
-def _schema() -> DictConfig:
+@functools.cache
+def _template() -> DictConfig:
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _schema() -> DictConfig:
+    """Every key at its default, typed and closed to unknown keys: a fresh copy of one template
+    (copying is several times faster than building it from the dataclasses)."""
+    return copy.deepcopy(_template())
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
@@ -289,17 +437,9 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(parent, node)
 
 
-def _section_path(type_name: str, cls=None, prefix: str = "") -> Optional[str]:
+def _section_path(type_name: str) -> Optional[str]:
     """The dotted key of the config section whose dataclass is named ``type_name``."""
-    for f in dataclasses.fields(cls or Config):
-        sub = f.default_factory
-        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
-            if sub.__name__ == type_name:
-                return prefix + f.name
-            found = _section_path(type_name, sub, f"{prefix}{f.name}.")
-            if found:
-                return found
-    return None
+    return next((prefix[:-1] for prefix, cls in sections(Config) if prefix and cls.__name__ == type_name), None)
 
 
 def _describe(exc: OmegaConfBaseException) -> str:
@@ -317,25 +457,25 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"config: {msg}"
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None, *,
+                environment: Optional[bool] = None) -> Config:
     """Merge defaults, YAML and ``key=value`` overrides; validate; return a typed ``Config``.
 
     The returned object is an omegaconf ``DictConfig`` backed by the ``Config`` schema (typed
     attribute access, ``OmegaConf.to_yaml`` for saving). A ``soft_tree`` student takes
     :data:`TREE_OPTIMIZER` for each of ``student.optimizer``, ``lr`` and ``weight_decay`` the
     user leaves unset (in the YAML and the overrides); the saved config holds what was used.
+
+    ``environment``: also run :func:`check_environment` (files, imports); default: in the
+    process that starts the work, not in a torchrun rank other than 0 (rank 0 checks for all).
     """
     cfg = _schema()
     given = []  # what the user wrote (the YAML, each override): which defaults they kept
     try:
         if path is not None:
             given.append(_read_yaml(Path(path)))
-            cfg = OmegaConf.merge(cfg, given[-1])
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not of the form key=value")
-            given.append(OmegaConf.from_dotlist([item]))
-            cfg = OmegaConf.merge(cfg, given[-1])
+            cfg.merge_with(given[-1])
+        given += apply_overrides(cfg, overrides or [])
         OmegaConf.resolve(cfg)
         if cfg.student.model.name == TREE:
             for key, value in TREE_OPTIMIZER.items():
@@ -344,13 +484,41 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None
     validate(cfg)
+    if environment if environment is not None else _starts_the_work():
+        check_environment(cfg)
     return cfg  # type: ignore[return-value]
 
 
-def config_from_yaml_text(text: str) -> Config:
-    """Rebuild a validated config from the YAML saved in a run directory."""
+def apply_overrides(cfg, overrides: list[str]) -> list[DictConfig]:
+    """Merge ``key=value`` items into ``cfg`` (in place, in order); returns each as parsed. A
+    malformed item, an unknown key or a value of the wrong type is one ConfigError line."""
+    given = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            given.append(OmegaConf.from_dotlist([item]))
+            cfg.merge_with(given[-1])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_describe(exc)) from None
+    return given
+
+
+def _starts_the_work() -> bool:
+    """Whether this process is the driver: not a torchrun rank other than 0. Read from
+    torchrun's variables, since configs are loaded before the process group is joined; a
+    malformed value counts as the driver (joining refuses it in one line)."""
     try:
-        cfg = OmegaConf.merge(_schema(), OmegaConf.create(text))
+        return int(os.environ.get("WORLD_SIZE") or 1) <= 1 or int(os.environ.get("RANK") or 0) == 0
+    except ValueError:
+        return True
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """Rebuild a validated config from the YAML saved in a run directory (or sent to a Ray
+    worker): the config itself is checked, not this machine (see :func:`check_environment`)."""
+    try:
+        cfg = OmegaConf.merge(_template(), OmegaConf.create(text))  # (merge copies the template)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None
     validate(cfg)
@@ -370,154 +538,42 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-def _choice(cfg, key: str, choices) -> None:
-    value = OmegaConf.select(cfg, key)
-    _check(value in choices, key, f"'{value}' is not one of {', '.join(map(str, choices))}")
-
-
-def _validate_train(cfg, section: str) -> None:
-    s = OmegaConf.select(cfg, section)
-    _check(s.epochs >= 0, f"{section}.epochs", "must be >= 0")
-    _check(s.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
-    _check(s.eval_batch_size >= 1, f"{section}.eval_batch_size", "must be >= 1")
-    _check(0 < s.lr <= 100, f"{section}.lr", f"{s.lr} is not in (0, 100]")
-    _check(0 <= s.momentum < 1, f"{section}.momentum", "must be in [0, 1)")
-    _check(0 <= s.weight_decay <= 1, f"{section}.weight_decay", f"{s.weight_decay} is not in [0, 1]")
-    _check(0 <= s.label_smoothing < 1, f"{section}.label_smoothing", "must be in [0, 1)")
-    _check(s.warmup_epochs >= 0, f"{section}.warmup_epochs", "must be >= 0")
-    _choice(cfg, f"{section}.optimizer", OPTIMIZERS)
-    _choice(cfg, f"{section}.schedule", SCHEDULES)
-
-
-def _leaves(node, prefix: str = ""):
-    """``(dotted key, value)`` of every setting below ``node``, sections walked into."""
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, DictConfig):
-            yield from _leaves(value, name + ".")
-        else:
-            yield name, value
-
-
-SEED_LIMIT = 2**32  # seeds are 32-bit unsigned (numpy's legacy range; faiss gets them reduced to its C int)
-
-
-def _check_finite_and_seeds(cfg) -> None:
-    """No ``inf`` or ``nan`` anywhere (no setting of this project means one), and every seed (a
-    key named ``seed`` or ``*_seed``, in any section) in 0..2**32-1, before any work: torch,
-    numpy and faiss each refuse another range, some only after earlier stages finished."""
-    for name, value in _leaves(cfg):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key '{name}': must be a finite number, got {value}")
-        if name.rsplit(".", 1)[-1] == "seed" or name.endswith("_seed"):
-            _check(isinstance(value, int) and 0 <= value < SEED_LIMIT, name,
-                   f"{value} is not a seed in 0..{SEED_LIMIT - 1}")
-
-
 def validate(cfg) -> None:
-    """Check every value a typed schema cannot: ranges, names, paths, cross-field rules."""
-    _check_finite_and_seeds(cfg)
-    _choice(cfg, "device", DEVICES)
-    _check(bool(cfg.run_dir), "run_dir", "must not be empty")
+    """Check every value a typed schema cannot: each setting against the constraints its
+    section declares, then the rules between settings. Touches neither disk nor imports."""
+    check_constraints(cfg)
+    _cross_rules(cfg)
 
-    d = cfg.data
-    if str(d.name).startswith("python:"):
-        try:
-            python_entry(str(d.name))
-        except ConfigError:
-            raise
-        except Exception as exc:  # SpecialistsError: cannot import it
-            raise ConfigError(f"config key 'data.name': {exc}") from None
-    else:
-        _choice(cfg, "data.name", sorted(DATASETS))
-    _check(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
-    _choice(cfg, "data.augment", ("auto", *AUGMENTATIONS))
-    _check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0")
-    _check(d.max_train is None or d.max_train >= 1, "data.max_train", "must be >= 1")
-    _check(d.num_super >= 1, "data.num_super", "must be >= 1")
-    _check(d.classes_per_super >= 1, "data.classes_per_super", "must be >= 1")
+
+def _cross_rules(cfg) -> None:
+    """The rules between settings (each setting's own values are declared beside its field)."""
+    d, s, sp, st = cfg.data, cfg.subsets, cfg.specialists, cfg.student
     _check(d.num_super * d.classes_per_super >= 2, "data.classes_per_super", "synthetic data needs >= 2 classes")
-    _check(d.train_per_class >= 2, "data.train_per_class", "must be >= 2")
-    _check(d.test_per_class >= 1, "data.test_per_class", "must be >= 1")
-    _check(d.image_size >= 4, "data.image_size", "must be >= 4")
-    _choice(cfg, "data.variant", VARIANTS)
-    _check(0 < d.difficulty <= 100, "data.difficulty", f"{d.difficulty} is not in (0, 100]")
-    _check(d.resize is None or d.resize >= 4, "data.resize", "must be >= 4")
-    _choice(cfg, "data.storage", STORAGES)
-    _check(d.workers >= 0, "data.workers", "must be >= 0")
-    _check(d.memory_budget_gb > 0, "data.memory_budget_gb", "must be > 0")
-    _check(d.tokenizer in TOKENIZERS or Path(d.tokenizer).expanduser().is_file(), "data.tokenizer",
-           f"'{d.tokenizer}' is not one of {', '.join(TOKENIZERS)} nor a tokenizer.json file")
-    _check(d.vocab_size >= (258 if d.tokenizer == "bpe" else 64), "data.vocab_size",
+    _check(d.tokenizer != "bpe" or d.vocab_size >= 258, "data.vocab_size",
            "must be >= 258 for bpe (its 256 bytes and 2 special tokens), >= 64 for wordpiece")
-    _check(1 <= d.max_length <= 65536, "data.max_length", "must be in 1..65536")
-    text = d.name in DATASETS and DATASETS[d.name].text
-    for key in ("model", "student.model"):
-        name = OmegaConf.select(cfg, f"{key}.name")
-        if name is None:
-            continue
-        _check(not (text and name == TREE), f"{key}.name", f"a {TREE} splits on input features, and token ids are "
-               "not features; a text student is textcnn, bilstm or transformer")
-        if name == TREE:
-            continue
-        if text:
-            _check(name in TEXT_MODELS, f"{key}.name", f"'{name}' does not read text; data set '{d.name}' needs "
-                   f"one of {', '.join(sorted(TEXT_MODELS))}")
-        else:
-            _check(name not in TEXT_MODELS, f"{key}.name", f"'{name}' reads text; data set '{d.name}' is not text "
-                   "(data.name=text or synthetic_text)")
-        pooling = OmegaConf.select(cfg, f"{key}.pooling")
-        _check(pooling in (None, "mean", "max"), f"{key}.pooling", f"'{pooling}' is not one of mean, max")
-        _check(not (name == "textcnn" and pooling == "mean"), f"{key}.pooling", "textcnn always max-pools over time")
-    init = cfg.generalist.init
-    _check(init is None or Path(init).expanduser().is_file(), "generalist.init", f"'{init}' is not a file")
-    if d.name in DATASETS and DATASETS[d.name].needs_path:
-        _check(d.path is not None, "data.path", f"data set '{d.name}' needs data.path")
-        _check(d.download or Path(d.path).exists(), "data.path", f"'{d.path}' does not exist")
-
+    entry = DATASETS.get(d.name)
+    _check(entry is None or not entry.needs_path or d.path is not None, "data.path",
+           f"data set '{d.name}' needs data.path")
+    text = entry is not None and entry.text
     _check(cfg.model.name != TREE, "model.name", f"'{TREE}' is a student (student.model.name={TREE}); the "
            "generalist and the specialists need a network with a classifier head")
-    for key in ("model", "student.model"):
-        name = OmegaConf.select(cfg, f"{key}.name")
-        if name is not None:
-            why = check_model_name(str(name))
-            _check(why is None, f"{key}.name", why or "")
-        pretrained = OmegaConf.select(cfg, f"{key}.pretrained")
-        _check(pretrained is None or Path(pretrained).expanduser().is_file(), f"{key}.pretrained",
-               f"'{pretrained}' is not a file")
-        width = OmegaConf.select(cfg, f"{key}.width")
-        _check(width is None or width >= 1, f"{key}.width", "must be >= 1")
-        depth = OmegaConf.select(cfg, f"{key}.depth")
-        _check(depth is None or depth >= 0, f"{key}.depth", "must be >= 0")
-        dropout = OmegaConf.select(cfg, f"{key}.dropout")
-        _check(dropout is None or 0 <= dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+    for key, m in (("model", cfg.model), ("student.model", st.model)):
+        if m.name is None:
+            continue
+        _check(not (text and m.name == TREE), f"{key}.name", f"a {TREE} splits on input features, and token ids are "
+               "not features; a text student is textcnn, bilstm or transformer")
+        if m.name != TREE and text:
+            _check(m.name in TEXT_MODELS, f"{key}.name", f"'{m.name}' does not read text; data set '{d.name}' needs "
+                   f"one of {', '.join(sorted(TEXT_MODELS))}")
+        elif m.name != TREE:
+            _check(m.name not in TEXT_MODELS, f"{key}.name", f"'{m.name}' reads text; data set '{d.name}' is not "
+                   "text (data.name=text or synthetic_text)")
+        _check(not (m.name == "textcnn" and m.pooling == "mean"), f"{key}.pooling", "textcnn always max-pools over time")
 
-    pretrained = cfg.student.model.pretrained
-    _check(pretrained is None or Path(pretrained).suffix == ".safetensors", "student.model.pretrained",
-           f"'{pretrained}' is not a .safetensors file (a student starts only from safetensors weights)")
-
-    for section in ("generalist", "specialists", "student"):
-        _validate_train(cfg, section)
-
-    _check(0 < cfg.distill.temperature <= MAX_TEMPERATURE, "distill.temperature",
-           f"{cfg.distill.temperature} is not in (0, {MAX_TEMPERATURE:g}]")
-    _check(0 <= cfg.distill.alpha <= 1, "distill.alpha", "must be in [0, 1]")
-    _choice(cfg, "distill.loss", LOSS_KINDS)
-
-    s = cfg.subsets
-    _check(s.num_specialists >= 1, "subsets.num_specialists", "must be >= 1")
-    _choice(cfg, "subsets.mode", MODES)
-    _choice(cfg, "subsets.split", HELD_IN_SPLITS)
-    _choice(cfg, "subsets.normalize", NORMALIZATIONS)
-    _choice(cfg, "subsets.method", METHODS)
-    _check(s.niter >= 1, "subsets.niter", "must be >= 1")
-    _check(s.min_size >= 1, "subsets.min_size", "must be >= 1")
     _check(s.max_size is None or s.max_size >= s.min_size, "subsets.max_size", "must be >= subsets.min_size")
-    if s.mode == "nearest":
-        _check(s.classes_per_specialist is not None, "subsets.classes_per_specialist", "required when subsets.mode=nearest")
-    _check(s.classes_per_specialist is None or s.classes_per_specialist >= 1,
-           "subsets.classes_per_specialist", "must be >= 1")
-    _check(s.coverage is None or 1 <= s.coverage <= s.num_specialists, "subsets.coverage",
+    _check(s.mode != "nearest" or s.classes_per_specialist is not None, "subsets.classes_per_specialist",
+           "required when subsets.mode=nearest")
+    _check(s.coverage is None or s.coverage <= s.num_specialists, "subsets.coverage",
            f"{s.coverage} is not in 1..{s.num_specialists} (subsets.num_specialists: a class joins each "
            "cluster at most once)")
     _check(s.coverage is None or s.mode == "partition", "subsets.coverage", "does not apply to subsets.mode=nearest "
@@ -526,74 +582,41 @@ def validate(cfg) -> None:
     if d.name in ("synthetic", "synthetic_text"):  # the data sets whose class count is known without loading them
         check_class_counts(cfg, d.num_super * d.classes_per_super)
 
-    sp = cfg.specialists
-    _choice(cfg, "specialists.phases", PHASES)
-    _choice(cfg, "specialists.phase_unit", PHASE_UNITS)
-    _check(sp.phase_steps >= 1, "specialists.phase_steps", "must be >= 1")
-    _check(0 <= sp.soft_share <= 1, "specialists.soft_share", "must be in [0, 1]")
-    _check(0 <= sp.soft_alpha <= 1, "specialists.soft_alpha", "must be in [0, 1]")
-    _check(0 < sp.subset_fraction < 1, "specialists.subset_fraction", "must be in (0, 1)")
-    _choice(cfg, "specialists.dustbin_correction", DUSTBIN_CORRECTIONS)
-    try:
-        k = parse_branch(sp.branch)
-    except ValueError as exc:
-        raise ConfigError(f"config key 'specialists.branch': {exc}") from None
+    k, blocks = parse_branch(sp.branch), builtin_block_count(cfg.model)
     _check(not (k is None and sp.cache_trunk), "specialists.cache_trunk",
            "caches a shared trunk's outputs: it needs specialists.branch=k (not all)")
-    blocks = builtin_block_count(cfg.model)
     _check(k is None or blocks is None or k <= blocks, "specialists.branch",
            f"{k} blocks, but model '{cfg.model.name}' has {blocks} (0..{blocks}, or all)")
 
-    _choice(cfg, "combine.solver", SOLVERS)
-    _check(cfg.combine.top_n >= 1, "combine.top_n", "must be >= 1")
-    _choice(cfg, "combine.routing", ROUTINGS)
-    _check(cfg.combine.max_iter >= 1, "combine.max_iter", "must be >= 1")
-    _check(0 < cfg.combine.tol < 1, "combine.tol", f"{cfg.combine.tol} is not in (0, 1) (a change of probability)")
-
-    _check(cfg.evaluate.bootstrap >= 0, "evaluate.bootstrap", "must be >= 0")
-    _check(cfg.evaluate.ece_bins >= 1, "evaluate.ece_bins", "must be >= 1")
-    _check(cfg.evaluate.timing_batches >= 1, "evaluate.timing_batches", "must be >= 1")
-
-    _check(all(c >= 1 for c in cfg.ablate.counts), "ablate.counts", "every count must be >= 1")
-    _choice(cfg, "ablate.order", ABLATION_ORDERS)
-
-    la = cfg.launch
-    _choice(cfg, "launch.executor", EXECUTORS)
-    _check(la.gpus_per_job >= 0, "launch.gpus_per_job", "must be >= 0")
-    _check(la.cpus_per_job > 0, "launch.cpus_per_job", "must be > 0")
-    _check(la.max_retries >= 0, "launch.max_retries", "must be >= 0")
-    _check(0 < la.dist_timeout <= 24 * 60, "launch.dist_timeout", "must be in (0, 1440] (minutes)")
-
-    st = cfg.student
-    _choice(cfg, "student.teacher", TEACHERS)
-    _choice(cfg, "student.tree.loss", TREE_LOSSES)
-    _check(0 <= st.tree.penalty <= 100, "student.tree.penalty", f"{st.tree.penalty} is not in [0, 100]")
-    _check(st.tree.window >= 1, "student.tree.window", "must be >= 1 (steps)")
     if st.model.name == TREE:
         _check(st.model.depth is None or 1 <= st.model.depth <= 16, "student.model.depth",
                f"a {TREE} needs 1 to 16 levels of decisions")
         for key in ("width", "dropout", "pretrained"):
             _check(st.model[key] is None, f"student.model.{key}", f"does not apply to a {TREE} (only depth does)")
-    if st.teacher == "probs":
-        _check(st.teacher_probs is not None, "student.teacher_probs", "required when student.teacher=probs")
-    if st.teacher_probs is not None:
-        _check(Path(st.teacher_probs).is_file(), "student.teacher_probs", f"'{st.teacher_probs}' does not exist")
+    _check(st.teacher != "probs" or st.teacher_probs is not None, "student.teacher_probs",
+           "required when student.teacher=probs")
     if st.teacher == "api":
         _check(st.teacher_url is not None, "student.teacher_url", "required when student.teacher=api")
-        _check(str(st.teacher_url).startswith(("http://", "https://")), "student.teacher_url",
-               f"'{st.teacher_url}' is not an http:// or https:// URL")
         _check(cfg.distill.loss in ("kl", "mse_probs"), "distill.loss", "an API teacher gives probabilities: "
                "use kl or mse_probs")
         _check(st.model.name != TREE, "student.model.name", f"a {TREE} student takes the ensemble, generalist or "
                "probs teacher")
-    _check(st.query_budget is None or st.query_budget >= 1, "student.query_budget", "must be >= 1")
-    _check(st.query_batch_size >= 1, "student.query_batch_size", "must be >= 1")
-    _check(st.query_retries >= 0, "student.query_retries", "must be >= 0")
     if st.unlabelled is not None:
         _check(st.teacher == "api", "student.unlabelled", "texts without labels need a teacher that can be asked "
                "about them: student.teacher=api")
         _check(text, "student.unlabelled", "is a file of texts, for a text data set")
-        _check(Path(st.unlabelled).expanduser().is_file(), "student.unlabelled", f"'{st.unlabelled}' is not a file")
+
+
+def check_environment(cfg) -> None:
+    """The checks that touch this machine, of a validated config: every file the config names
+    exists, the user's ``python:`` modules import, timm and torchvision names resolve. Run once
+    by the process that starts the work (:func:`load_config`); a Ray worker checks what it must
+    see itself (``engine.executors.as_run``), and every process finds the rest as it loads it."""
+    check_constraints(cfg, environment=True)
+    check_trackers(cfg.track)
+    d = cfg.data
+    if d.name in DATASETS and DATASETS[d.name].needs_path:
+        _check(d.download or Path(d.path).exists(), "data.path", f"'{d.path}' does not exist")
 
 
 def check_class_counts(cfg, num_classes: int) -> None:
@@ -642,7 +665,7 @@ def config_values(cfg, keys) -> dict:
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "SubsetsConfig",
     "SpecialistsConfig", "CombineConfig", "EvaluateConfig", "AblateConfig", "StudentConfig",
-    "load_config", "config_from_yaml_text", "to_yaml", "to_dict", "validate", "check_class_counts",
+    "load_config", "apply_overrides", "config_from_yaml_text", "to_yaml", "to_dict", "validate", "check_environment", "check_class_counts",
     "config_values", "student_model_config", "MISSING", "TEACHERS", "EXECUTORS", "LaunchConfig",
     "DistributedTrainConfig", "SoftTreeConfig", "TREE", "TREE_OPTIMIZER",
 ]

@@ -32,11 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file as _st_load
 from safetensors.torch import save as _st_save
 
+from ..core.digest import file_sha256  # noqa: F401  (re-exported: the run's modules import it from here)
 from ..device import agree, barrier, is_main, world
 from ..errors import SpecialistsError, one_line
 
 STATE_MAGIC = b"SPECIALISTS-STATE-1\n"  # then the payload's sha256 (32 bytes), then torch.save's bytes
-_HASH_CHUNK = 1 << 22
 
 
 def _host() -> str:
@@ -147,16 +147,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def file_sha256(path) -> str:
-    """The hex sha256 of a file, read in chunks (1.5 GB/s on this project's CPU, which has
-    SHA instructions; blake2b measured 0.55 GB/s there)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_bytes(path, data: bytes) -> Path:

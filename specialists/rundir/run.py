@@ -3,6 +3,7 @@
 Layout::
 
     RUN_DIR/config.yaml  manifest.json  data.json  tokenizer.json (text)  teacher_api.jsonl (student.teacher=api)
+    RUN_DIR/report.html       the run on one page (written by `specialists run` and `specialists report`)
     RUN_DIR/generalist/       model.safetensors, state.pt, metrics.json, curves.png
     RUN_DIR/subsets/          probs.npy, covariance.npy, subsets.json, metrics.json, covariance.png
     RUN_DIR/specialists/NNN/  model.safetensors, state.pt, metrics.json
@@ -30,15 +31,17 @@ from pathlib import Path
 import torch
 
 from ..core.checks import first_non_finite
+from ..core.tokens import PAD_ID
 from ..data import TEXT_LAYOUT, Dataset, build_dataset
 from ..device import resolve_device
 from ..errors import SpecialistsError, one_line
 from ..models import Classifier, build_model, check_model, declared_preprocessing
 from ..models.branch import parse_branch, split, tail_classifier
-from .config import Config, check_class_counts, config_from_yaml_text, student_model_config, to_yaml
+from .config import Config, check_class_counts, config_from_yaml_text, student_model_config, to_dict, to_yaml
 from .io import file_sha256, load_weights, read_json, save_weights, weights_metadata, write_json, write_text
 from .locks import FileLock
 from .manifest import Manifest
+from .track import tracker_for
 
 # One folder per stage (the stage table in specialists.stages names each stage's folder).
 GENERALIST, SUBSETS, SPECIALISTS, EVALUATION, ABLATION, STUDENT = (
@@ -85,6 +88,8 @@ class Run:
         self.device = resolve_device(device or cfg.device)
         self.manifest = Manifest(self.dir / "manifest.json")
         self.verify = verify  # check files against the manifest as they are loaded
+        # registered now, opened on first use: training finds its model's tracker by its folder
+        self.tracker = tracker_for(self.dir, cfg.track, to_dict(cfg))
 
     @classmethod
     def open(cls, run_dir, device: str | None = None, verify: bool = True) -> "Run":
@@ -117,8 +122,16 @@ class Run:
         """The lock of one writer (a stage, a specialist job): ``RUN_DIR/.locks/NAME.lock``."""
         return FileLock(self.dir / ".locks" / f"{name}.lock", what)
 
+    @property
+    def config_yaml(self) -> Path:  # the resolved config the stages ran with
+        return self.dir / "config.yaml"
+
+    @property
+    def summary_csv(self) -> Path:  # one row per model (a report)
+        return self.dir / "summary.csv"
+
     def save_config(self) -> None:
-        write_text(self.dir / "config.yaml", to_yaml(self.cfg))
+        write_text(self.config_yaml, to_yaml(self.cfg))
 
     def rel(self, path: Path) -> str:
         """``path`` relative to the run directory (how reports and the manifest name files)."""
@@ -154,6 +167,12 @@ class Run:
             write_json(self.data_json, info)
         self.manifest.record_file(self.data_json)
         return ds
+
+    def load_data(self) -> Dataset:
+        """Load and check the data now, not on first use of :attr:`data` (which keeps it): bad
+        data, and class counts or models the config cannot fit, are refused before any work, and
+        ``data.json`` is written or repaired. Returns the data set."""
+        return self.data
 
     def _saved_tokenizer(self) -> tuple | None:
         """``(tokenizer_source, tokenizer JSON)`` of the tokenizer this run saved, if any: the data
@@ -295,6 +314,10 @@ class Run:
         return self.dir / "export"
 
     @property
+    def report_html(self) -> Path:  # the run on one page (specialists.reports.page), `specialists report`'s default --out
+        return self.dir / "report.html"
+
+    @property
     def teacher_api_cache(self) -> Path:  # an API teacher's answers (outside student/: --force keeps them)
         return self.dir / "teacher_api.jsonl"
 
@@ -351,7 +374,7 @@ class Run:
         shape = (n, *info["input_shape"])
         if info.get("vocab_size"):
             x = torch.randint(1, int(info["vocab_size"]), shape, generator=g)
-            x[0, shape[1] // 2:] = 0  # one padded row: the mask travels through the split
+            x[0, shape[1] // 2:] = PAD_ID  # one padded row: the mask travels through the split
         else:
             x = torch.randn(shape, generator=g)
         return x.to(self.device)

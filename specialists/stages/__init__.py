@@ -6,6 +6,9 @@ directory, the stage whose artifacts it consumes, the config keys it depends on 
 upstream's: a change to any of them invalidates it), the function that runs it, and the
 reports rendered after it. The pipeline (:mod:`specialists.stages.pipeline`) and the command
 line (:mod:`specialists.cli`) are built from this table; adding a stage is a module and a row.
+
+Every config key a stage reads is one it depends on (``depends``) or an execution-only key
+(:data:`EXECUTION_KEYS`): tests/test_stages.py runs each stage recording its reads.
 """
 
 from __future__ import annotations
@@ -37,13 +40,19 @@ class Stage:
     enabled: str | None = None  # a boolean config key; ``specialists run`` skips the stage when false
 
 
+# Keys that say where and how a run executes, never what it computes: no stage depends on them
+# (changing one redoes nothing). A key or a whole section, as in ``Stage.keys``.
+EXECUTION_KEYS: tuple[str, ...] = ("run_dir", "device", "launch", "track")
+
 # ``ablate.cascade`` is the student stage's (it trains the second generalist the cascade needs):
 # the ablate stage depends on every other ``ablate`` key, so toggling the cascade redoes no ablation
 ABLATE_KEYS = tuple(f"ablate.{f.name}" for f in fields(AblateConfig) if f.name != "cascade")
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("generalist", "train-generalist", GENERALIST, None, ("seed", "data", "model", "generalist"),
+    # train.sync_bn (BatchNorm statistics over all torchrun ranks) changes every trained model:
+    # the generalist's, and through it every stage's
+    Stage("generalist", "train-generalist", GENERALIST, None, ("seed", "data", "model", "generalist", "train.sync_bn"),
           generalist.train, (render.curves,), "train the C-way generalist"),
     Stage("subsets", "find-subsets", SUBSETS, "generalist", ("subsets",),
           subsets.find, (render.covariance,), "cluster the covariance of its probabilities into class subsets"),
@@ -64,6 +73,9 @@ STAGES: tuple[Stage, ...] = (
           "distil the ensemble into one student, beside the born-again control and the cascade",
           enabled="student.enabled"),
 )
+
+# rendered after every stage (and so after each stage's own): views of the whole run
+RUN_REPORTS: tuple[Callable, ...] = (render.summary,)
 
 BY_KEY = {s.key: s for s in STAGES}
 BY_VERB = {s.verb: s for s in STAGES}
@@ -90,4 +102,11 @@ def downstream(key: str) -> list[str]:
     return out
 
 
-__all__ = ["BY_KEY", "BY_VERB", "STAGES", "Stage", "depends", "downstream", "upstream_chain"]
+def covers(keys, key: str) -> bool:
+    """Whether ``key`` is one of ``keys`` or inside one of their sections (``generalist`` covers
+    ``generalist.lr``)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+__all__ = ["BY_KEY", "BY_VERB", "EXECUTION_KEYS", "RUN_REPORTS", "STAGES", "Stage", "covers", "depends", "downstream",
+           "upstream_chain"]

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from ..core import metrics
 from ..core.scoring import ablation_counts, score, specialist_order
+from ..data import batcher_for
 from ..engine.executors import Job, as_run, run_jobs
 from ..engine.flops import generalist_train_flops, model_inference_flops, train_compute
 from ..engine.trainers import split_probs, train_classifier, train_once
@@ -47,7 +48,7 @@ def subset_ablation(run: Run) -> dict:
     by_id = {e["id"]: e for e in run.load_subsets()}
     entries = [by_id[i] for i in ens.ids]
     test = run.data.test
-    p_g, p_specs, active = ens.components_over(x for x, _ in run.data.batcher(test, run.device).iterate(ens.batch_size))
+    p_g, p_specs, active = ens.components_over(x for x, _ in batcher_for(run.data, test, run.device).iterate(ens.batch_size))
     order = specialist_order(entries, run.cfg.ablate.order, run.cfg.ablate.seed)
     ev = run.cfg.evaluate
     samples = {i: int(read_json(run.specialist(i).metrics)["train_samples"]) for i in ens.ids}
@@ -161,7 +162,7 @@ def ablate(run: Run, subrun: SubRun) -> dict:
     if run.cfg.ablate.control:
         extra = specialists_train_compute(run)
         jobs.append(Job("control (generalist trained longer)", control_job, (run, extra)))
-    done = run_jobs(jobs, run.cfg.launch)
+    done = run_jobs(jobs, run.cfg.launch, "ablation", run.tracker)
     result["recluster"] = [recluster_row(run, Run(cfg, str(run.device))) for cfg in configs]
     if run.cfg.ablate.control:
         result["control"] = done[-1]

@@ -30,6 +30,7 @@ import torch
 from ..core import metrics
 from ..core.cost import routed_flops
 from ..core.scoring import score
+from ..data import batcher_for
 from ..engine.flops import FLOPS_BATCH, generalist_train_flops, inference_flops, train_compute
 from ..engine.timing import REPEATS, seconds_per_example, timing_rows
 from ..inference import SingleModel, SpecialistEnsemble
@@ -108,7 +109,7 @@ def _timing_sample(run: Run, ens: SpecialistEnsemble) -> torch.Tensor:
     """A seeded sample of ``evaluate.timing_batches`` batches of the test split, prepared once."""
     test = run.data.test
     rows = timing_rows(len(test), ens.batch_size * run.cfg.evaluate.timing_batches)
-    return run.data.batcher(test, run.device).batch(rows)[0]
+    return batcher_for(run.data, test, run.device).batch(rows)[0]
 
 
 def timing(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, x: torch.Tensor | None = None) -> dict:
@@ -136,7 +137,7 @@ def validation(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble) -
     val = run.data.val
     if len(val) == 0:
         return None
-    batcher = run.data.batcher(val, run.device)
+    batcher = batcher_for(run.data, val, run.device)
     res = ens.predict_over(x for x, _ in batcher.iterate(ens.batch_size))
     q_all = ens_all.predict_over(x for x, _ in batcher.iterate(ens.batch_size))["ensemble"]
     out = {"examples": len(val)}
@@ -153,7 +154,7 @@ def evaluate(run: Run) -> dict:
     ens = SpecialistEnsemble.from_run(run, batch_size=cfg.generalist.eval_batch_size)
     test = run.data.test
     y = test.y
-    batcher = run.data.batcher(test, run.device)  # normalized batches, in memory or streamed
+    batcher = batcher_for(run.data, test, run.device)  # normalized batches, in memory or streamed
     res = ens.predict_over(x for x, _ in batcher.iterate(ens.batch_size))
     ev = score(res["generalist"], res["ensemble"], y, [s.cpu() for s in ens.subsets], res["active"],
                bootstrap=cfg.evaluate.bootstrap, ece_bins=cfg.evaluate.ece_bins, seed=cfg.seed)

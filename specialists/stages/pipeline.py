@@ -35,7 +35,7 @@ from ..engine.executors import Job, as_run
 from ..errors import SpecialistsError
 from ..rundir import Config, Run, config_from_yaml_text, config_values, to_yaml
 from ..rundir.io import clean_stale_temp_files, copy_file
-from . import BY_KEY, STAGES, depends, downstream, upstream_chain
+from . import BY_KEY, RUN_REPORTS, STAGES, depends, downstream, upstream_chain
 
 log = logging.getLogger("specialists")
 _DEFAULTS = OmegaConf.structured(Config)  # every key at its default
@@ -47,9 +47,10 @@ UNVERIFIED_NAMES = ("state.pt", "manifest.lock")  # resume state (carries its ow
 _CHECKED: set = set()
 
 
-def guard(run: Run, cfg, force: bool = False) -> None:
+def guard(run: Run, cfg, force: bool = False) -> bool:
     """Refuse (or with ``force`` wipe and reopen) every finished stage whose inputs changed;
-    discard every unfinished attempt whose inputs changed."""
+    discard every unfinished attempt whose inputs changed. Returns whether ``force`` wiped one."""
+    wiped = False
     for stage in STAGES:
         rec = run.manifest.record(stage.key)
         if not rec:
@@ -76,7 +77,10 @@ def guard(run: Run, cfg, force: bool = False) -> None:
             raise SpecialistsError(
                 f"stage '{stage.key}' in {run.dir} was run with {k}={was!r} but the config now says {k}={says!r}: "
                 f"rerun with --force to redo '{stage.key}' and the stages after it, or choose another run_dir")
+        else:
+            wiped = True
         invalidate(run, stage.key)
+    return wiped
 
 
 def invalidate(run: Run, key: str) -> None:
@@ -125,7 +129,8 @@ def run_stage(cfg, key: str, *, force: bool = False, **options) -> dict | None:
     """Run stage ``key`` on ``cfg.run_dir`` unless it is already complete. Returns its result."""
     stage = BY_KEY[key]
     run = Run(cfg)
-    guard(run, cfg, force)
+    if guard(run, cfg, force):  # a --force rerun: new tracker runs, not the old ones continued
+        run.tracker.restart()
     repair(run, key)
     require(run, key)
     if stage.check is not None:
@@ -133,7 +138,7 @@ def run_stage(cfg, key: str, *, force: bool = False, **options) -> dict | None:
     if run.manifest.is_done(key) and not options:
         log.info("stage %s: already complete, skipping", key)
         return None
-    run.data  # noqa: B018  (load and check the data before any work; writes or repairs data.json)
+    run.load_data()  # before any work: bad data is refused here; data.json is written or repaired
     with nullcontext() if stage.jobs else run.lock(key, f"stage {key}"):
         if run.manifest.is_done(key) and not options:  # another process finished it meanwhile
             log.info("stage %s: completed by another process, skipping", key)
@@ -151,10 +156,13 @@ def run_stage(cfg, key: str, *, force: bool = False, **options) -> dict | None:
         result = stage.run(run, **options) or {}
         seconds = time.perf_counter() - t0
         if result.get("complete", True):
-            for report in stage.reports:
+            for report in (*stage.reports, *RUN_REPORTS):
                 report(run)
             verified, reports = _artifacts(run, key)
             run.manifest.finish(key, seconds, verified, reports, checked=_CHECKED)
+            run.tracker.figures(key, result)
+            run.tracker.images(p for p in reports if p.suffix == ".png")
+            run.tracker.flush()
         log.info("stage %s: finished in %.1fs", key, seconds)
     return result
 

@@ -21,9 +21,9 @@ import torch
 from ..core.cost import training_flops_per_example
 from ..core.heads import add_dustbin_shift, analytic_shift, fit_dustbin_shift, local_labels, make_specialist
 from ..core.losses import hard_loss
-from ..data import MixedBatches, seeded_batches
+from ..data import MixedBatches, batcher_for, seeded_batches
 from ..device import prepare_model
-from ..engine.executors import Job, as_run, run_jobs
+from ..engine.executors import Job, Progress, as_run, run_jobs
 from ..engine.fit import fit, predict_logits
 from ..engine.flops import FLOPS_BATCH, inference_flops
 from ..engine.steps import SpecialistPhases
@@ -105,7 +105,7 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier, sha
     files.dir.mkdir(parents=True, exist_ok=True)
     S = torch.tensor(sorted(subset), dtype=torch.long)
     C = ds.num_classes
-    train = ds.batcher(ds.train, device)
+    train = batcher_for(ds, ds.train, device)
     mix = MixedBatches(ds.train.y, S, C, scfg.batch_size, scfg.subset_fraction)
     feats = _reused(generalist, ("features", str(run.dir)),
                     lambda: _features(generalist, train, FEATURE_EXAMPLES,
@@ -136,7 +136,7 @@ def train_one(run: Run, sid: int, subset: list[int], generalist: Classifier, sha
     # --- dustbin correction (undo the oversampling of S) --------------------------------
     f = len(mix.pos) / len(ds.train)
     s = mix.n_pos / (mix.n_pos + mix.n_neg) if mix.n_neg else f
-    val_logits = predict_logits(spec, ds.batcher(ds.val, device), scfg.eval_batch_size)
+    val_logits = predict_logits(spec, batcher_for(ds, ds.val, device), scfg.eval_batch_size)
     val_local = local_labels(ds.val.y, S, C)
     shift = {"analytic": analytic_shift(s, f) if mix.n_neg else 0.0,
              "calibrated": fit_dustbin_shift(val_logits, val_local) if len(val_local) else 0.0,
@@ -183,7 +183,7 @@ def _train_flops(run: Run, model, source, S: torch.Tensor, samples: int, trunk=N
     finally:
         model.train(was)
     if trunk is not None:
-        x0 = run.data.batcher(run.data.train, run.device).batch(idx)[0]
+        x0 = batcher_for(run.data, run.data.train, run.device).batch(idx)[0]
         per += inference_flops(trunk, x0) * source.n / max(1, samples)
     return per
 
@@ -194,7 +194,7 @@ def specialist_metrics(run: Run, spec: Classifier, generalist: Classifier, S: to
     generalist), and dustbin precision / recall."""
     ds, device = run.data, run.device
     bs = run.cfg.specialists.eval_batch_size
-    test = ds.batcher(ds.test, device)
+    test = batcher_for(ds, ds.test, device)
     z_s = predict_logits(spec, test, bs)
     z_g = _reused(generalist, ("test_logits", str(run.dir)), lambda: predict_logits(generalist, test, bs))
     y = ds.test.y
@@ -265,12 +265,18 @@ def train(run: Run, only: list[int] | None = None) -> dict:
         if todo and run.branch is not None:  # a model that cannot be split there: one line, before any job
             run.split_generalist(run.load_generalist())
         run_jobs([Job(f"specialist {s['id']:03d}", specialist_job, (run, s["id"], s["classes"])) for s in todo],
-                 run.cfg.launch)
+                 run.cfg.launch, "specialists", run.tracker)
     elif todo:
         generalist = run.load_generalist()  # loaded once for every job of this process
         shared = run.split_generalist(generalist) if run.branch is not None else None
-        held = [s for s in todo if not specialist_job(run, s["id"], s["classes"], False, generalist, shared)]
+        progress, held = Progress("specialists", len(todo), run.tracker), []
+        for s in todo:  # a specialist another process holds is waited for after the others
+            if specialist_job(run, s["id"], s["classes"], False, generalist, shared):
+                progress.finished(f"specialist {s['id']:03d}")
+            else:
+                held.append(s)
         for s in held:
             specialist_job(run, s["id"], s["classes"], True, generalist, shared)
+            progress.finished(f"specialist {s['id']:03d}")
     done = [i for i in ids if _trained(run, i)]
     return {"complete": len(done) == len(ids), "trained": done}

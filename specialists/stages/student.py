@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import logging
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -53,14 +55,14 @@ import torch
 from ..core import metrics
 from ..core.cost import cascade_proba, count_flops, fit_cascade
 from ..core.losses import UNLABELLED
-from ..data import Split
+from ..data import Split, batcher_for
 from ..data.teacher_table import load_teacher_probs, source_train_size
 from ..data.text import read_texts
 from ..device import agree, prepare_model
 from ..engine.executors import Job, as_run, run_jobs
 from ..engine.flops import generalist_train_flops, inference_flops, train_compute, training_flops
 from ..engine.teacher_api import TeacherAPI
-from ..engine.teachers import ApiTeacher, EnsembleTeacher, GeneralistTeacher, ProbsTeacher
+from ..engine.teachers import ApiTeacher, EnsembleTeacher, GeneralistTeacher, ProbsTeacher, Teacher
 from ..engine.timing import REPEATS, seconds_per_example, timing_rows
 from ..engine.trainers import (
     initial_weights,
@@ -73,6 +75,7 @@ from ..engine.trainers import (
 from ..errors import SpecialistsError
 from ..inference import SingleModel, SpecialistEnsemble, Student
 from ..models import load_student
+from ..reports import student as report
 from ..rundir import Run, to_dict
 from ..rundir.config import TREE, student_model_config
 from ..rundir.io import file_sha256, rank0, read_json, write_json, write_npy
@@ -125,10 +128,10 @@ def cascade_control(run: Run, first, second, first_flops: float, second_flops: f
     test probabilities."""
     ds, cfg, bs = run.data, run.cfg, run.cfg.student.eval_batch_size
     val = ds.split("val")
-    p_val = torch.cat([first(x).float().cpu() for x, _ in ds.batcher(val, run.device).iterate(bs)])
+    p_val = torch.cat([first(x).float().cpu() for x, _ in batcher_for(ds, val, run.device).iterate(bs)])
     fit = fit_cascade(p_val.max(1).values, first_flops, second_flops, target_flops)
     t, parts, flops = fit["threshold"], [], 0
-    for x, _ in ds.batcher(ds.test, run.device).iterate(bs):
+    for x, _ in batcher_for(ds, ds.test, run.device).iterate(bs):
         flops += count_flops(lambda: parts.append(cascade_proba(first, second, x, t)))  # noqa: B023 (called now)
     q = torch.cat([p.float().cpu() for p, _ in parts])
     asked = torch.cat([a.cpu() for _, a in parts])
@@ -200,10 +203,10 @@ def _api_answers(run: Run, cache_only: bool = False) -> dict:
     return out
 
 
-def _api_teacher(run: Run) -> tuple[ApiTeacher, Split]:
+def _api_teacher(run: Run, asked: dict) -> tuple[ApiTeacher, Split]:
     """The API teacher and what its student trains on: the answered training examples (their
     labels kept), then the answered unlabelled texts (label ``UNLABELLED``: soft targets only)."""
-    ds, asked = run.data, _api_answers(run, cache_only=True)  # distill asked (and warned of a spent budget) once
+    ds = run.data
     _, p_train, ok_train = asked["train"]
     texts, p_unl, ok_unl = asked["unlabelled"]
     rows = torch.from_numpy(np.flatnonzero(ok_train))
@@ -236,22 +239,46 @@ def _api_summary(run: Run, asked: dict, p_student: torch.Tensor) -> dict:
     }
 
 
-def _teacher(run: Run):
-    """The student's teacher, and the split it trains on (None: the training split)."""
+@dataclass
+class Taught:
+    """The student's teacher, the split it trains on (None: the training split), and what the
+    report says of it: a table's path, shape and sha256 (``probs_info``), an API's answers (``asked``)."""
+
+    teacher: Teacher
+    split: Split | None = None
+    probs_info: dict | None = None
+    asked: dict | None = None
+
+
+_TAUGHT: WeakKeyDictionary = WeakKeyDictionary()  # Run -> Taught: one teacher per run and process
+
+
+def teacher_of(run: Run, ask: bool = False) -> Taught:
+    """The student's teacher (``student.teacher``), built once per run and process. The stage
+    builds it before anything is trained (a table is validated, an API is asked: ``ask``); the
+    student's job reuses it when it runs in the same process, and a Ray worker builds its own
+    from disk (an API's answers from the cache the stage filled)."""
+    if run in _TAUGHT:
+        return _TAUGHT[run]
     st = run.cfg.student
     if st.teacher == "ensemble":
-        return EnsembleTeacher(SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size)), None
-    if st.teacher == "generalist":
-        return GeneralistTeacher(run.load_generalist(), run.device), None
-    if st.teacher == "api":
-        return _api_teacher(run)
-    return _probs_teacher(run)[0], None
+        taught = Taught(EnsembleTeacher(SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size)))
+    elif st.teacher == "generalist":
+        taught = Taught(GeneralistTeacher(run.load_generalist(), run.device))
+    elif st.teacher == "api":
+        asked = _api_answers(run, cache_only=not ask)
+        taught = Taught(*_api_teacher(run, asked), asked=asked)
+    else:
+        teacher, info = _probs_teacher(run)
+        taught = Taught(teacher, probs_info=info)
+    _TAUGHT[run] = taught
+    return taught
 
 
 @torch.inference_mode()
 def _mixture_top1(run: Run, tree) -> float:
     """A soft tree's test top-1 when every leaf speaks (the mixture ``sum_l P_l Q_l``)."""
-    batcher = run.data.batcher(run.data.test, run.device)
+    batcher = batcher_for(run.data, run.data.test, run.device)
     p = torch.cat([tree.mixture_proba(x).float().cpu() for x, _ in batcher.iterate(run.cfg.student.eval_batch_size)])
     return metrics.accuracy(p, run.data.test.y)
 
@@ -261,7 +288,7 @@ def _tree_summary(run: Run, tree, hard, top1: dict, gain: dict | None, explained
     and mixture top-1 of it and of its hard-label control, and the paths of the first
     ``explained`` test examples."""
     st = run.cfg.student
-    x = run.data.batcher(run.data.test, run.device).batch(torch.arange(min(explained, len(run.data.test))))[0]
+    x = batcher_for(run.data, run.data.test, run.device).batch(torch.arange(min(explained, len(run.data.test))))[0]
     examples = Student(tree, run.data_info(), run.device).explain(x, normalized=True, k=3)
     return {
         "depth": tree.depth, "inner_nodes": int(tree.inner.out_features), "leaves": int(tree.leaves.shape[0]),
@@ -292,7 +319,8 @@ def student_job(run, which: str) -> list[dict]:
                                                  seed=cfg.seed + 1))
     split = None
     if which == "student":
-        files, (teacher, split) = run.student, _teacher(run)
+        taught = teacher_of(run)
+        files, teacher, split = run.student, taught.teacher, taught.split
         desc = f"student (teacher: {teacher.name})"
     elif which == "born_again":
         files, teacher = run.born_again, GeneralistTeacher(run.load_generalist(), run.device)
@@ -309,109 +337,130 @@ def student_job(run, which: str) -> list[dict]:
                                              num_classes=C, teacher=teacher.name if teacher is not None else "labels"))
 
 
-def distill(run: Run) -> dict:
-    """`specialists distill`: train the student and its controls (independent jobs, see
-    ``launch.executor``), then compare them; writes ``student/metrics.json``."""
-    cfg, ds, device = run.cfg, run.data, run.device
-    st = cfg.student
-    if st.model.pretrained:  # refuse weights that do not fit the student before any work
-        new_student(run, cfg.seed)
-    probs_info = asked = None
-    if st.teacher == "probs":  # validate the table before anything is built or written
-        probs_info = _probs_teacher(run)[1]
-    if st.teacher == "api":  # ask before anything is trained (the student's job then reads the cache)
-        asked = _api_answers(run)
+@dataclass
+class Models:
+    """The stage's trained models, loaded for evaluation (a control absent when not trained)."""
+
+    generalist: torch.nn.Module
+    ens: SpecialistEnsemble
+    student: torch.nn.Module
+    born_again: torch.nn.Module | None = None
+    second: torch.nn.Module | None = None
+    hard: torch.nn.Module | None = None
+
+
+@dataclass
+class Figures:
+    """Test figures of every model: ``top1`` and ``probs`` (N, C) per key, each control's entry."""
+
+    y: torch.Tensor
+    p_gen: torch.Tensor
+    p_ens: torch.Tensor
+    final: dict  # the student's val/test figures (split_metrics)
+    from_evaluation: bool  # the generalist's and the ensemble's top-1 read from evaluation.json
+    top1: dict = field(default_factory=dict)
+    probs: dict = field(default_factory=dict)
+    control: dict = field(default_factory=dict)
+
+
+def _kinds(run: Run) -> list[str]:
+    """The stage's models: the student, a tree's hard-label twin, the ensemble teacher's controls."""
+    st = run.cfg.student
     controls = st.controls and st.teacher == "ensemble"
-    is_tree = student_model_config(cfg).name == TREE
-    kinds = ["student"] + (["hard_labels"] if is_tree else []) + (["born_again", "second_generalist"] if controls else [])
-    names = {"student": "student", "born_again": "born-again student", "second_generalist": "second generalist",
-             "hard_labels": "soft tree on hard labels"}
-    histories = dict(zip(kinds, run_jobs([Job(names[k], student_job, (run, k)) for k in kinds], cfg.launch)))
-    history, ba_history, sg_history, hl_history = (histories.get(k) for k in
-                                                   ("student", "born_again", "second_generalist", "hard_labels"))
+    return (["student"] + (["hard_labels"] if student_model_config(run.cfg).name == TREE else [])
+            + (["born_again", "second_generalist"] if controls else []))
+
+
+def _load(run: Run, taught: Taught, kinds: list[str]) -> Models:
+    ds, st = run.data, run.cfg.student
 
     def trained(files, model_cfg=None):
-        return prepare_model(run.load_model(files, ds.num_classes, model_cfg), device, ds.is_image).eval()
+        return prepare_model(run.load_model(files, ds.num_classes, model_cfg), run.device, ds.is_image).eval()
 
-    model_cfg = to_dict(student_model_config(cfg))
-    generalist = run.load_generalist()
-    ens = SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size)
-    student = trained(run.student, student_model_config(cfg))
-    born_again = trained(run.born_again, student_model_config(cfg)) if controls else None
-    second = trained(run.second_generalist) if controls else None
-    hard = trained(run.hard_labels, student_model_config(cfg)) if is_tree else None
-    teacher_name = st.teacher
+    student_cfg = student_model_config(run.cfg)
+    ens = (taught.teacher.ens if isinstance(taught.teacher, EnsembleTeacher)
+           else SpecialistEnsemble.from_run(run, batch_size=st.eval_batch_size))
+    return Models(run.load_generalist(), ens, trained(run.student, student_cfg),
+                  born_again=trained(run.born_again, student_cfg) if "born_again" in kinds else None,
+                  second=trained(run.second_generalist) if "second_generalist" in kinds else None,
+                  hard=trained(run.hard_labels, student_cfg) if "hard_labels" in kinds else None)
 
-    # --- test metrics --------------------------------------------------------------------
+
+def _test_figures(run: Run, m: Models, histories: dict) -> Figures:
+    """Every model's test probabilities and figures, and the controls' entries."""
+    cfg, ds, st = run.cfg, run.data, run.cfg.student
     y = ds.test.y
-    pred = ens.predict_over(x for x, _ in ds.batcher(ds.test, device).iterate(ens.batch_size))
+    pred = m.ens.predict_over(x for x, _ in batcher_for(ds, ds.test, run.device).iterate(m.ens.batch_size))
     p_gen, p_ens = pred["generalist"].float().cpu(), pred["ensemble"].float().cpu()
-    p_student = _test_probs(run, student)
-    final = split_metrics(run, student, ("val", "test"), st.eval_batch_size)
     ev = _evaluation_top1(run)
-    top1 = {"generalist": ev.get("generalist", metrics.accuracy(p_gen, y)),
-            "ensemble": ev.get("ensemble", metrics.accuracy(p_ens, y)),
-            "student": final["test_top1"]}
-    teacher_test = {"ensemble": p_ens, "generalist": p_gen}.get(teacher_name)
-    control: dict = {}
-    probs = {"student": p_student}
+    fig = Figures(y, p_gen, p_ens, split_metrics(run, m.student, ("val", "test"), st.eval_batch_size), bool(ev))
+    fig.probs["student"] = _test_probs(run, m.student)
+    fig.top1 = {"generalist": ev.get("generalist", metrics.accuracy(p_gen, y)),
+                "ensemble": ev.get("ensemble", metrics.accuracy(p_ens, y)),
+                "student": fig.final["test_top1"]}
 
-    def student_control(key: str, model, teacher: str, history) -> dict:
-        """A control student's test figures (its probabilities kept in ``probs`` for the gains)."""
-        probs[key] = _test_probs(run, model)
-        top1[key] = metrics.accuracy(probs[key], y)
-        return {"test_top1": top1[key], "test_top5": metrics.accuracy(probs[key], y, 5),
-                "test_nll": metrics.nll(probs[key], y), "teacher": teacher,
-                "train_seconds_per_epoch": _median_epoch_seconds(history), "history": history}
+    def figures(p: torch.Tensor) -> dict:
+        return {"test_top1": metrics.accuracy(p, y), "test_top5": metrics.accuracy(p, y, 5),
+                "test_nll": metrics.nll(p, y)}
 
-    if born_again is not None:
-        control["born_again"] = {**student_control("born_again", born_again, "generalist", ba_history),
-                                 "agreement_with_generalist": _agreement(probs["born_again"], p_gen)}
-    if hard is not None:
-        control["hard_labels"] = student_control("hard_labels", hard, "labels", hl_history)
-    if second is not None:
-        p_second = _test_probs(run, second)
-        probs["two_generalists"] = (p_gen + p_second) / 2
-        top1["two_generalists"] = metrics.accuracy(probs["two_generalists"], y)
-        control["second_generalist"] = {
-            "seed": cfg.seed + 1, "test_top1": metrics.accuracy(p_second, y), "test_top5": metrics.accuracy(p_second, y, 5),
-            "test_nll": metrics.nll(p_second, y), "history": sg_history}
-        control["two_generalist_average"] = {
-            "test_top1": top1["two_generalists"], "test_top5": metrics.accuracy(probs["two_generalists"], y, 5),
-            "test_nll": metrics.nll(probs["two_generalists"], y)}
+    def student_control(key: str, model, teacher: str) -> dict:
+        """A control student's test figures (its probabilities kept for the gains)."""
+        fig.probs[key] = _test_probs(run, model)
+        fig.top1[key] = metrics.accuracy(fig.probs[key], y)
+        return {**figures(fig.probs[key]), "teacher": teacher,
+                "train_seconds_per_epoch": _median_epoch_seconds(histories[key]), "history": histories[key]}
 
-    # --- inference time per example (one protocol for every row) ---------------------------
-    info, bs = ens.info, st.eval_batch_size
-    x_time = ds.batcher(ds.test, device).batch(timing_rows(len(y), bs * cfg.evaluate.timing_batches))[0]
-    one = {k: SingleModel(m, info, device, bs).proba for k, m in
-           (("generalist", generalist), ("student", student), ("born_again", born_again), ("second", second)) if m is not None}
-    fns = {"generalist": one["generalist"], "ensemble": ens.proba, "student": one["student"]}
-    if born_again is not None:
+    if m.born_again is not None:
+        fig.control["born_again"] = {**student_control("born_again", m.born_again, "generalist"),
+                                     "agreement_with_generalist": _agreement(fig.probs["born_again"], p_gen)}
+    if m.hard is not None:
+        fig.control["hard_labels"] = student_control("hard_labels", m.hard, "labels")
+    if m.second is not None:
+        p_second = fig.probs["second_generalist"] = _test_probs(run, m.second)
+        fig.probs["two_generalists"] = (p_gen + p_second) / 2
+        fig.top1["two_generalists"] = metrics.accuracy(fig.probs["two_generalists"], y)
+        fig.control["second_generalist"] = {"seed": cfg.seed + 1, **figures(p_second),
+                                            "history": histories["second_generalist"]}
+        fig.control["two_generalist_average"] = figures(fig.probs["two_generalists"])
+    return fig
+
+
+def _inference_cost(run: Run, m: Models, fig: Figures) -> tuple[dict, dict, int]:
+    """FLOPs and seconds per example of every model on one timing sample of the test split (one
+    protocol for every row), and the cascade control (fitted, run and timed with the rest).
+    Returns ``(flops, seconds, timing examples)``; ``flops["ensemble"]`` is the evaluation's figure."""
+    cfg, ds, bs = run.cfg, run.data, run.cfg.student.eval_batch_size
+    x_time = batcher_for(ds, ds.test, run.device).batch(timing_rows(len(fig.y), bs * cfg.evaluate.timing_batches))[0]
+    one = {k: SingleModel(model, m.ens.info, run.device, bs).proba
+           for k, model in (("generalist", m.generalist), ("student", m.student), ("born_again", m.born_again),
+                            ("second", m.second), ("hard_labels", m.hard)) if model is not None}
+    fns = {"generalist": one["generalist"], "ensemble": m.ens.proba, "student": one["student"]}
+    if m.born_again is not None:
         fns["born_again"] = one["born_again"]
-    if second is not None:
+    if m.second is not None:
         fns["two_generalists"] = lambda x: (one["generalist"](x) + one["second"](x)) / 2
-
-    # --- FLOPs per example on the same sample, and the cascade (timed with the rest) ---------
     flops = {k: inference_flops(fn, x_time, bs) for k, fn in fns.items()}
-    if hard is not None:
-        flops["hard_labels"] = inference_flops(SingleModel(hard, info, device, bs).proba, x_time, bs)
-    if second is not None:
-        flops["second"] = inference_flops(one["second"], x_time, bs)
-    f_ens = _ensemble_flops(run) or flops["ensemble"]  # the evaluation's figure: the frontier's, the cascade's target
-    if second is not None and cfg.ablate.cascade:
+    for k in ("hard_labels", "second"):
+        if k in one:
+            flops[k] = inference_flops(one[k], x_time, bs)
+    flops["ensemble"] = _ensemble_flops(run) or flops["ensemble"]  # the frontier's figure, the cascade's target
+    if m.second is not None and cfg.ablate.cascade:
         if len(ds.split("val")):
-            control["cascade"], probs["cascade"] = cascade_control(run, one["generalist"], one["second"],
-                                                                   flops["generalist"], flops["second"], f_ens, p_gen)
-            top1["cascade"], flops["cascade"] = control["cascade"]["test_top1"], control["cascade"]["inference_flops"]
-            threshold = control["cascade"]["threshold"]
-            fns["cascade"] = lambda x: cascade_proba(one["generalist"], one["second"], x, threshold)[0]
+            c, fig.probs["cascade"] = cascade_control(run, one["generalist"], one["second"], flops["generalist"],
+                                                      flops["second"], flops["ensemble"], fig.p_gen)
+            fig.control["cascade"], fig.top1["cascade"], flops["cascade"] = c, c["test_top1"], c["inference_flops"]
+            fns["cascade"] = lambda x: cascade_proba(one["generalist"], one["second"], x, c["threshold"])[0]
         else:
             log.warning("cascade control skipped: the data set has no validation split to fit its threshold on")
-    secs = seconds_per_example(fns, x_time, bs, REPEATS)
+    return flops, seconds_per_example(fns, x_time, bs, REPEATS), int(len(x_time))
 
-    # --- training compute, in generalist-example equivalents ---------------------------------
-    unit = generalist_train_flops(run, generalist)
-    teacher_flops = {"ensemble": f_ens, "generalist": flops["generalist"]}  # a table or an API: nothing counted
+
+def _train_costs(run: Run, m: Models, fig: Figures, flops: dict, histories: dict) -> dict:
+    """Training compute in generalist-example equivalents: the student's entry (returned) and each
+    control's (added to ``fig.control``)."""
+    cfg, st = run.cfg, run.cfg.student
+    unit = generalist_train_flops(run, m.generalist)
+    teacher_flops = {"ensemble": flops["ensemble"], "generalist": flops["generalist"]}  # a table, an API: none
 
     def train_cost(model, hist: list[dict], teacher: str | None) -> dict:
         """Samples (steps x batch size), FLOPs per sample (a training step's, plus the teacher's
@@ -421,95 +470,97 @@ def distill(run: Run) -> dict:
         return {"train_samples": samples, "train_flops_per_sample": per_sample,
                 "train_compute": train_compute(samples, per_sample, unit)}
 
-    for key, model, hist, teacher in (("born_again", born_again, ba_history, "generalist"),
-                                      ("hard_labels", hard, hl_history, None)):
+    for key, model, teacher in (("born_again", m.born_again, "generalist"), ("hard_labels", m.hard, None)):
         if model is not None:
-            control[key].update(train_cost(model, hist, teacher), inference_flops=flops[key])
-    if second is not None:
-        samples = cfg.generalist.epochs * len(ds.train)  # the generalist's network and recipe: its unit
-        control["second_generalist"].update(train_samples=samples, train_flops_per_sample=unit,
-                                            train_compute=train_compute(samples, unit, unit),
-                                            inference_flops=flops["second"])
-        control["two_generalist_average"]["inference_flops"] = flops["two_generalists"]
+            fig.control[key].update(train_cost(model, histories[key], teacher), inference_flops=flops[key])
+    if m.second is not None:
+        samples = cfg.generalist.epochs * len(run.data.train)  # the generalist's network and recipe: its unit
+        fig.control["second_generalist"].update(train_samples=samples, train_flops_per_sample=unit,
+                                                train_compute=train_compute(samples, unit, unit),
+                                                inference_flops=flops["second"])
+        fig.control["two_generalist_average"]["inference_flops"] = flops["two_generalists"]
+    return {**train_cost(m.student, histories["student"], st.teacher), "generalist_train_flops_per_example": unit}
 
-    names = {"generalist": "generalist", "ensemble": "routed ensemble (generalist + specialists)",
-             "student": f"student of the {'ensemble' if teacher_name == 'ensemble' else teacher_name + ' teacher'}",
-             "born_again": "born-again student (teacher: generalist)",
-             "two_generalists": "two-generalist average (second seed)",
-             "hard_labels": "the same tree on hard labels",
-             "cascade": "cascade: the second generalist only where the first is unsure"}
-    if is_tree:
-        names["student"] = f"soft tree distilled from the {teacher_name}"
-    flops["ensemble"] = f_ens
-    comparisons = {k: {"name": names[k], "test_top1": top1[k], "seconds_per_example": secs.get(k),
-                       "flops_per_example": flops.get(k)}
-                   for k in ("generalist", "ensemble", "student", "hard_labels", "born_again", "two_generalists",
-                             "cascade")
-                   if k in top1}
 
-    def gain_over(control_key: str) -> dict | None:
-        """The student's test top-1 minus a control's, in points, with a paired-bootstrap interval."""
-        if control_key not in probs:
-            return None
-        boot = metrics.paired_bootstrap(metrics.topk_correct(probs[control_key], y),
-                                        metrics.topk_correct(p_student, y), cfg.evaluate.bootstrap, cfg.seed)
-        return {"points": 100 * (top1["student"] - top1[control_key]),
-                "ci95_points": [100 * c for c in boot["ci95"]] if boot.get("ci95") else None,
-                "test_examples": int(len(y))}
-
-    # the generalist's epoch time: from the second generalist when there is one (same config,
-    # trained beside the student, so machine load and threads are alike), else the first's
-    if sg_history:
-        gen_epoch, gen_source = _median_epoch_seconds(sg_history), "the second generalist, trained by this stage"
+def _epoch_times(run: Run, histories: dict) -> dict:
+    """The student's and the generalist's median epoch seconds. The generalist's comes from the
+    second generalist when there is one (same config, trained beside the student, so machine load
+    and threads are alike), else from the generalist stage's own history."""
+    if histories.get("second_generalist"):
+        gen, source = _median_epoch_seconds(histories["second_generalist"]), "the second generalist, trained by this stage"
     else:
-        gen_epoch = _median_epoch_seconds(read_json(run.generalist.metrics).get("history", []))
-        gen_source = "the generalist stage's metrics.json"
-    st_epoch = _median_epoch_seconds(history)
-    api = _api_summary(run, asked, p_student) if asked else None
+        gen = _median_epoch_seconds(read_json(run.generalist.metrics).get("history", []))
+        source = "the generalist stage's metrics.json"
+    st = _median_epoch_seconds(histories["student"])
+    return {"train_seconds_per_epoch": st, "generalist_train_seconds_per_epoch": gen,
+            "generalist_epoch_time_source": source,
+            "train_time_ratio_vs_generalist": st / gen if st and gen else None}
+
+
+def distill(run: Run) -> dict:
+    """`specialists distill`: train the student and its controls (independent jobs, see
+    ``launch.executor``), then compare them; writes ``student/metrics.json``."""
+    cfg, st = run.cfg, run.cfg.student
+    if st.model.pretrained:  # refuse weights that do not fit the student before any work
+        new_student(run, cfg.seed)
+    taught = teacher_of(run, ask=True)  # a table validated, an API asked, before anything is trained
+    kinds = _kinds(run)
+    names = {"student": "student", "born_again": "born-again student", "second_generalist": "second generalist",
+             "hard_labels": "soft tree on hard labels"}
+    histories = dict(zip(kinds, run_jobs([Job(names[k], student_job, (run, k)) for k in kinds], cfg.launch, "student",
+                                                  run.tracker)))
+
+    m = _load(run, taught, kinds)
+    fig = _test_figures(run, m, histories)
+    flops, secs, timing_examples = _inference_cost(run, m, fig)
+    train = _train_costs(run, m, fig, flops, histories)
+    p_student, y = fig.probs["student"], fig.y
+    teacher_test = {"ensemble": fig.p_ens, "generalist": fig.p_gen}.get(st.teacher)
+    api = _api_summary(run, taught.asked, p_student) if taught.asked else None
+    is_tree = student_model_config(cfg).name == TREE
+
+    def gain_over(key: str) -> dict | None:
+        return (report.gain(fig.probs[key], p_student, y, cfg.evaluate.bootstrap, cfg.seed)
+                if key in fig.probs else None)
+
     result = {
-        **final,
-        "teacher": teacher_name,
-        "teacher_probs": probs_info,
+        **fig.final,
+        "teacher": st.teacher,
+        "teacher_probs": taught.probs_info,
         "teacher_api": api,
-        "model": model_cfg,
+        "model": to_dict(student_model_config(cfg)),
         "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha,
         "loss": f"soft tree: {st.tree.loss}" if is_tree else cfg.distill.loss,
         "agreement_with_teacher": (_agreement(p_student, teacher_test) if teacher_test is not None else
                                    api["test_agreement"] if api else None),
-        "agreement_with_ensemble": _agreement(p_student, p_ens),
-        "agreement_with_generalist": _agreement(p_student, p_gen),
+        "agreement_with_ensemble": _agreement(p_student, fig.p_ens),
+        "agreement_with_generalist": _agreement(p_student, fig.p_gen),
         "epochs": st.epochs,
-        "steps": sum(h["steps"] for h in history),
-        "train_seconds_per_epoch": st_epoch,
-        "generalist_train_seconds_per_epoch": gen_epoch,
-        "generalist_epoch_time_source": gen_source,
-        "train_time_ratio_vs_generalist": st_epoch / gen_epoch if st_epoch and gen_epoch else None,
+        "steps": sum(h["steps"] for h in histories["student"]),
+        **_epoch_times(run, histories),
         "inference_seconds_per_example": secs["student"],
         "inference_flops": flops["student"],
-        **train_cost(student, history, teacher_name),
-        "generalist_train_flops_per_example": unit,
+        **train,
         "inference_ratio_vs_ensemble": secs["student"] / secs["ensemble"] if secs["ensemble"] else None,
-        "timing_examples": int(len(x_time)),
+        "timing_examples": timing_examples,
         "timing_repeats": REPEATS,
-        "top1_source": "evaluation.json" if ev else "computed",
-        "control": control,
-        "comparisons": comparisons,
+        "top1_source": "evaluation.json" if fig.from_evaluation else "computed",
+        "control": fig.control,
+        "comparisons": report.comparisons(fig.top1, secs, flops, st.teacher, is_tree),
         "gain_over_born_again": gain_over("born_again"),
-        "tree": _tree_summary(run, student, hard, top1, gain_over("hard_labels")) if is_tree else None,
-        "history": history,
+        "tree": _tree_summary(run, m.student, m.hard, fig.top1, gain_over("hard_labels")) if is_tree else None,
+        "history": histories["student"],
     }
-    for key, p in (("student", p_student), *((k, probs[k]) for k in ("born_again", "hard_labels", "two_generalists",
-                                                                     "cascade") if k in probs)):
-        _save_predictions(run, key, p)
-    if second is not None:
-        _save_predictions(run, "second_generalist", p_second)
+    for key in ("student", "born_again", "hard_labels", "two_generalists", "cascade", "second_generalist"):
+        if key in fig.probs:
+            _save_predictions(run, key, fig.probs[key])
     write_json(run.student.metrics, result)
-    if "cascade" in control:
-        c = control["cascade"]
+    if "cascade" in fig.control:
+        c = fig.control["cascade"]
         log.info("cascade: consults the second generalist on %.1f%% of test examples (threshold %.4f), "
                  "%.3g FLOPs per example (target %.3g), test top-1 %.4f", 100 * c["consulted_fraction"]["test"],
                  c["threshold"], c["inference_flops"], c["target_flops"], c["test_top1"])
     log.info("student (teacher %s): test top-1 %.4f (generalist %.4f, ensemble %.4f), agreement with teacher %s",
-             teacher_name, top1["student"], top1["generalist"], top1["ensemble"],
+             st.teacher, fig.top1["student"], fig.top1["generalist"], fig.top1["ensemble"],
              f"{result['agreement_with_teacher']:.4f}" if result["agreement_with_teacher"] is not None else "-")
     return result

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..core.subsets import adjusted_rand_index, coverage_summary, find_subsets
+from ..data import batcher_for
 from ..engine.fit import predict_logits
 from ..errors import SpecialistsError
 from ..rundir import Run
@@ -28,7 +29,7 @@ def heldin_probs(run: Run) -> np.ndarray:
     """The generalist's probabilities (N, C) float32 on ``subsets.split``, cached on disk."""
     if run.probs_npy.exists():
         return read_npy(run.probs_npy)
-    batcher = run.data.batcher(run.data.split(run.cfg.subsets.split), run.device)
+    batcher = batcher_for(run.data, run.data.split(run.cfg.subsets.split), run.device)
     logits = predict_logits(run.load_generalist(), batcher, run.cfg.generalist.eval_batch_size)
     probs = torch.softmax(logits, 1).numpy().astype(np.float32)
     write_npy(run.probs_npy, probs)
