@@ -89,7 +89,7 @@ class Run:
         self.manifest = Manifest(self.dir / "manifest.json")
         self.verify = verify  # check files against the manifest as they are loaded
         # registered now, opened on first use: training finds its model's tracker by its folder
-        self.tracker = tracker_for(self.dir, cfg.track, to_dict(cfg))
+        self.tracker = tracker_for(self.dir, cfg.track, lambda: to_dict(cfg))
 
     @classmethod
     def open(cls, run_dir, device: str | None = None, verify: bool = True) -> "Run":

@@ -37,6 +37,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 from ..device import world
@@ -243,8 +244,9 @@ class _WandB(_Backend):
 class Tracker:
     """The trackers of one run directory, opened on first use in each process (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, track, config: dict | None = None):
-        self.dir, self.cfg, self.config = Path(run_dir), track, config or {}
+    def __init__(self, run_dir: Path, track, config: Callable[[], dict] | None = None):
+        # ``config``: the resolved config as a dict, asked for only when a new tracker run opens
+        self.dir, self.cfg, self.config = Path(run_dir), track, config
         self.backends: dict[str, _Backend] | None = None
         self.csv = "csv" in track.backends
 
@@ -281,8 +283,8 @@ class Tracker:
             ids["mlflow"] = self.backends["mlflow"].run_id
         if new or ids != read_json(self.ids_json):
             write_json(self.ids_json, ids)
-        if new and self.config:
-            self._each("params", params(self.config))
+        if new and self.config is not None:
+            self._each("params", params(self.config()))
         return self.backends
 
     def _call(self, name: str, fn) -> None:
@@ -355,7 +357,7 @@ def _enclosing(path: Path) -> Path | None:
     return min(hits, key=lambda d: len(d.parts)) if hits else None
 
 
-def tracker_for(run_dir: Path, track, config: dict | None = None) -> Tracker:
+def tracker_for(run_dir: Path, track, config: Callable[[], dict] | None = None) -> Tracker:
     """The tracker of ``run_dir``: the open one of an enclosing run directory (an ablation
     sub-run logs into its parent's tracker run), else this directory's, opened once per
     process (and again when its ``track`` settings change)."""

@@ -393,8 +393,11 @@ def _test_figures(run: Run, m: Models, histories: dict) -> Figures:
     pred = m.ens.predict_over(x for x, _ in batcher_for(ds, ds.test, run.device).iterate(m.ens.batch_size))
     p_gen, p_ens = pred["generalist"].float().cpu(), pred["ensemble"].float().cpu()
     ev = _evaluation_top1(run)
-    fig = Figures(y, p_gen, p_ens, split_metrics(run, m.student, ("val", "test"), st.eval_batch_size), bool(ev))
-    fig.probs["student"] = _test_probs(run, m.student)
+    p_student = _test_probs(run, m.student)  # (the test figures from these, not a second pass)
+    final = {**split_metrics(run, m.student, ("val",), st.eval_batch_size), "test_top1": metrics.accuracy(p_student, y),
+             "test_top5": metrics.accuracy(p_student, y, 5), "test_nll": metrics.nll(p_student, y)}
+    fig = Figures(y, p_gen, p_ens, final, bool(ev))
+    fig.probs["student"] = p_student
     fig.top1 = {"generalist": ev.get("generalist", metrics.accuracy(p_gen, y)),
                 "ensemble": ev.get("ensemble", metrics.accuracy(p_ens, y)),
                 "student": fig.final["test_top1"]}
