@@ -169,6 +169,19 @@ def test_summary_csv_holds_each_models_own_figures(tiny_run, tmp_path, one_threa
     assert "student" not in rows  # no row for a stage not run
 
 
+def test_the_frontier_goes_to_the_trackers_with_each_stage_that_renders_it(tiny_run, tmp_path, one_thread_here):
+    _forget_trackers()
+    d = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, d)
+    run_stage(tiny_config(d, "track.backends=[csv,tensorboard]"), "evaluate")
+    _forget_trackers()
+    frontier = json.loads((d / "evaluation" / "frontier.json").read_text())
+    want = track.flatten(frontier)
+    assert want  # the frontier has figures to log
+    key, value = next(iter(want.items()))
+    assert _scalars(d / "tensorboard" / "report" / "frontier", key) == [(0, pytest.approx(value, rel=1e-6))]
+
+
 def test_job_progress_is_one_line_per_job_with_an_eta(caplog):
     launch = tiny_config("unused").launch
     with caplog.at_level(logging.INFO, logger="specialists"):

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from ..engine.executors import Job, as_run
 from ..errors import SpecialistsError
 from ..rundir import Config, Run, config_from_yaml_text, config_values, to_yaml
-from ..rundir.io import clean_stale_temp_files, copy_file
+from ..rundir.io import clean_stale_temp_files, copy_file, read_json
 from . import BY_KEY, RUN_REPORTS, STAGES, depends, downstream, upstream_chain
 
 log = logging.getLogger("specialists")
@@ -161,6 +161,8 @@ def run_stage(cfg, key: str, *, force: bool = False, **options) -> dict | None:
             verified, reports = _artifacts(run, key)
             run.manifest.finish(key, seconds, verified, reports, checked=_CHECKED)
             run.tracker.figures(key, result)
+            for view in (p for p in reports if p in run.report_json_files):  # frontier.json, as re-rendered
+                run.tracker.figures(view.stem, read_json(view))
             run.tracker.images(p for p in reports if p.suffix == ".png")
             run.tracker.flush()
         log.info("stage %s: finished in %.1fs", key, seconds)
