@@ -21,8 +21,8 @@ lint: $(STAMP)  # pyflakes, import order, bugbear; and the layer contracts in py
 	$(VENV)/bin/ruff check specialists pipelines tests benchmarks
 	$(VENV)/bin/lint-imports
 
-test: lint  # two worker processes (one per core), a test file's tests on one of them
-	$(PY) -m pytest -n 2 --dist loadfile
+test: lint  # two worker processes (one per core), a test file's tests on one of them, longest files first (conftest.py)
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 crash-test: $(STAMP)  # the quickstart SIGKILLed 24 times at random moments, resumed each time, compared (~5 minutes)
 	$(PY) benchmarks/crash_resume.py --kills 24

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
-SESSION_THREADS = min(2, os.cpu_count() or 1)
+# One intra-op thread for the whole session. `make test` runs 2 workers on 2 cores: two threads
+# each oversubscribe the cores, and spinning OpenMP threads then made the tiny run below 4x
+# slower (5 s alone, 19-20 s beside a second worker; 158 s once beside other people's jobs),
+# while on these tiny models a second thread gains nothing even alone (5.2 s either way,
+# measured on the 2-core AMD EPYC CPU machine). One count also gives every test the same
+# weights whether it runs alone, under xdist or in another order.
+SESSION_THREADS = 1
 torch.set_num_threads(SESSION_THREADS)
 
 # A run small enough to train in seconds on 2 CPU cores: 3 superclasses x 3 classes of 8x8
@@ -24,6 +29,25 @@ TINY = [
     "student.epochs=2", "student.batch_size=64",
     "evaluate.bootstrap=200", "evaluate.timing_batches=1",
 ]
+
+
+# The test files that take longest (seconds in `make test`, on the 2-core AMD EPYC CPU machine:
+# 62, 55, 47), run first. `make test` hands each worker a whole file (--dist loadfile) in the
+# collection order (--no-loadscope-reorder): xdist's own order, by number of tests, put
+# test_quickstart.py, with one, last, and its minute ran on one worker after the other had
+# finished (simulated from measured durations: 213 s on one worker against 153 s; longest
+# first, 183 s and 182 s).
+LONGEST_FIRST = ("test_quickstart.py", "test_reliability.py", "test_launch.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The files of ``LONGEST_FIRST`` first, in that order; the others as collected (the sort is
+    stable: each file's tests keep their order)."""
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
 
 def error_line_within(fn, seconds: float = 30.0):
@@ -75,8 +99,9 @@ def tiny_run(tmp_path_factory):
 def one_thread():
     """One intra-op thread for a module of tiny problems: a second thread only adds
     synchronization, and on a shared 2-core machine spinning OpenMP threads can be tens of
-    times slower. (The session's ``tiny_run``, when used, is built before this takes effect:
-    session fixtures come first, so its weights do not depend on which tests run.)"""
+    times slower. (The session's count is one as well: this pins it for the module whatever
+    ``SESSION_THREADS`` says. The session's ``tiny_run``, when used, is built before this takes
+    effect: session fixtures come first, so its weights do not depend on which tests run.)"""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

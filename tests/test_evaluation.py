@@ -247,3 +247,36 @@ def test_evaluation_records_cost_predictions_and_the_frontier(evaluated):
     rec = Manifest(d / "manifest.json").record("evaluate")
     assert "evaluation/frontier.json" in rec["reports"] and "evaluation/frontier.json" not in rec["artifacts"]
     assert "evaluation/ensemble_predictions.npy" in rec["artifacts"]
+
+
+def test_the_gate_table_is_what_gated_ensembles_score_and_cost_on_validation(evaluated):
+    """Each row of the validation ``gate`` table (computed from the ungated ensembles' answers)
+    equals an ensemble built with that ``combine.gate``: its top-1 on the validation split, the
+    share of examples whose specialists ran, and the FLOPs the counter sees it execute."""
+    from specialists.core.cost import flops_per_example
+    from specialists.inference import SingleModel, SpecialistEnsemble
+    from specialists.rundir import Run
+
+    cfg, d, _ = evaluated
+    table = json.loads((d / "evaluation" / "evaluation.json").read_text())["validation"]["gate"]
+    assert [r["share"] for r in table][-1] == 1.0 and len({r["threshold"] for r in table}) > 3
+    run = Run(tiny_config(d, "combine.gate=0.5"))
+    ens = SpecialistEnsemble.from_run(run, device="cpu")
+    assert ens.gate == 0.5 and ens.with_routing("all", gate=None).gate is None
+    assert SpecialistEnsemble.from_run(run, device="cpu", gate=None).gate is None
+    val = run.data.val
+    x = batcher_for(run.data, val, "cpu").batch(torch.arange(len(val)))[0]
+    with torch.inference_mode():
+        f_g = flops_per_example(SingleModel(ens.generalist, ens.info, ens.device).proba, x)
+    for row in (table[1], table[4], table[-1]):
+        for routing in ("routed", "all"):
+            gated = ens.with_routing(cfg.combine.routing if routing == "routed" else "all", gate=row["threshold"])
+            with torch.inference_mode():
+                res = gated.predict_all(x, normalized=True)
+                flops = flops_per_example(gated.proba, x)
+            asked = res["generalist"].max(1).values.double() < row["threshold"]
+            assert float(asked.double().mean()) == pytest.approx(row["share"])
+            assert not res["active"][~asked].any()
+            top1 = float((res["ensemble"].argmax(1) == val.y).double().mean())
+            assert top1 == pytest.approx(row[routing]["top1"], abs=1.01 / len(val)), (row, routing)
+            assert flops / f_g == pytest.approx(row[routing]["flops_ratio"], rel=1e-3), (row, routing)

@@ -207,7 +207,7 @@ def test_ensemble_export_matches_specialist_ensemble(runs, ensemble_export, tmp_
     names = sorted(p.name for p in folder.iterdir())
     assert names == sorted(["ensemble.json", "generalist.onnx", *(f"specialist_{e['id']:03d}.onnx" for e in subsets)])
     assert [s["classes"] for s in meta["specialists"]] == [e["classes"] for e in subsets]
-    assert meta["routing"] == {"mode": run.cfg.combine.routing, "top_n": 2}
+    assert meta["routing"] == {"mode": run.cfg.combine.routing, "top_n": 2, "gate": None}
     assert meta["combine"] == {"solver": "em", "max_iter": run.cfg.combine.max_iter, "tol": run.cfg.combine.tol}
     verified = meta["verification"]["max_abs_diff"]  # each graph, and the runtime as a whole
     assert set(verified) == {n for n in names if n.endswith(".onnx")} | {"ensemble"}
@@ -227,6 +227,19 @@ def test_ensemble_export_matches_specialist_ensemble(runs, ensemble_export, tmp_
     assert [p.shape[1] for p in p_specs] == [len(e["classes"]) + 1 for e in subsets]
     for n in (1, 7):  # dynamic batch through the runtime
         np.testing.assert_allclose(served.predict_proba(raw[:n]), want[:n], atol=TOL, rtol=0)
+
+    # combine.gate travels in the JSON: a sure generalist answers alone, as in PyTorch
+    gate = float(np.median(served.components(served.preprocess(raw))[0].max(1)))
+    gated_folder = tmp_path / "gated"
+    shutil.copytree(folder, gated_folder)
+    gated_meta = meta | {"routing": meta["routing"] | {"gate": gate}}
+    (gated_folder / "ensemble.json").write_text(json.dumps(gated_meta))
+    gated = OnnxEnsemble(gated_folder, threads=1)
+    want_gated = ens.with_routing(ens.routing, gate=gate).predict_proba(raw).numpy()
+    np.testing.assert_allclose(gated.predict_proba(raw), want_gated, atol=TOL, rtol=0)
+    sure = served.components(served.preprocess(raw))[0].max(1) >= gate
+    assert 0 < sure.sum() < len(raw) and not gated.components(gated.preprocess(raw))[2][sure].any()
+    assert np.abs(want_gated - want)[~sure].max() < TOL < np.abs(want_gated - want)[sure].max()
 
     # a graph replaced by another export's is refused, not served
     mixed = tmp_path / "mixed"
@@ -390,11 +403,16 @@ def test_combine_numpy_degenerate_cases_match_the_torch_solver():
             combine_numpy.combine(pg, args["subsets"], args["specs"], np.ones((4, 1), bool), max_iter=args["max_iter"])
 
 
-@pytest.mark.parametrize("routing,top_n", [("routed", 1), ("routed", 3), ("all", 1)])
-def test_route_numpy_matches_torch(routing, top_n):
+@pytest.mark.parametrize("routing,top_n,gate", [("routed", 1, None), ("routed", 3, None), ("all", 1, None),
+                                                ("routed", 2, 0.4), ("all", 1, 0.4)])
+def test_route_numpy_matches_torch(routing, top_n, gate):
     rng = np.random.default_rng(top_n)
     C, subsets = 10, [np.array([0, 1, 2]), np.array([2, 5]), np.array([7, 8, 9])]
     pg = _probs(rng, 50, C, 2.0)  # continuous: no exact ties
-    got = combine_numpy.route(pg, combine_numpy.membership(subsets, C), top_n, routing)
-    want = torch_combine.route(torch.tensor(pg), torch_combine.membership(subsets, C), top_n, routing).numpy()
+    got = combine_numpy.route(pg, combine_numpy.membership(subsets, C), top_n, routing, gate)
+    want = torch_combine.route(torch.tensor(pg), torch_combine.membership(subsets, C), top_n, routing, gate).numpy()
     assert np.array_equal(got, want) and got.any()
+    if gate is not None:  # by hand: no specialist where the generalist's top probability reaches the gate
+        ungated = combine_numpy.route(pg, combine_numpy.membership(subsets, C), top_n, routing)
+        sure = pg.max(1) >= gate
+        assert 0 < sure.sum() < len(pg) and not got[sure].any() and np.array_equal(got[~sure], ungated[~sure])

@@ -222,3 +222,19 @@ def test_text_export_bad_input_is_one_line(student_export, tmp_path):
     meta["preprocessing"]["min_width"], meta["format_version"] = 1, 1  # a text export as a version-1 one
     (folder / "student.json").write_text(json.dumps(meta))
     assert "format version 1 with preprocessing.layout 'NL'" in _one_line(lambda: OnnxModel(folder, threads=1))
+
+
+def test_an_lstm_model_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    """torch.export cannot trace the bilstm's packed sequences: refused up front, not after a
+    long traceback from the exporter."""
+    from specialists.stages.pipeline import run_stage
+
+    small = [o for o in TEXT if not o.startswith(("model.", "data.train_per_class"))]
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *small, "data.train_per_class=4", "model.name=bilstm",
+                             "model.width=4", "generalist.epochs=1"])
+    run_stage(cfg, "generalist")
+    assert main(["export", cfg.run_dir, "--model", "generalist"]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert out == "" and len(errors) == 1 and "LSTM" in errors[0] and "SpecialistEnsemble / Student" in errors[0]
+    assert not (tmp_path / "run" / "export").exists()

@@ -126,11 +126,14 @@ def test_export_files_are_checked_against_their_recorded_sha256(tiny_run, tmp_pa
     meta = {"format": "specialists-onnx", "kind": "model", "model": "student",
             "input": {"name": "input", "shape": [None, 3, 8, 8]}, "output": {"name": "probs", "shape": [None, 9]},
             "graph": graph, "exporter": {"opset": 20},
-            "verification": {"rows": 256, "tolerance": 1e-4, "max_abs_diff": {"student.onnx": 3e-7}}}
+            "verification": {"rows": 256, "tolerance": 1e-4, "max_abs_diff": {"student.onnx": 3e-7}},
+            # a text export's tokenizer is one of its files too (here missing)
+            "preprocessing": {"tokenizer": {"file": "tokenizer.json", "sha256": "0" * 64}}}
     (folder / "student.json").write_text(json.dumps(meta))
     (folder / "notes.json").write_text("{}")  # not an export's JSON: ignored
     text = " ".join(Page(render_page(d)).sections["export"].split())
     assert "student.onnx 11 " in text and "matches" in text  # 11 bytes, the recorded sha256
+    assert "tokenizer.json - 0000000000000000 missing" in text
     assert "changed since the export" in text
     assert "256 test examples" in text and "3.00e-07 yes" in text
     assert "notes.json" not in text

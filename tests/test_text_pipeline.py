@@ -30,7 +30,7 @@ TEXT = [
     "specialists.epochs=3", "specialists.batch_size=32", "specialists.optimizer=adamw", "specialists.lr=0.003",
     "student.epochs=3", "student.batch_size=32", "student.optimizer=adamw", "student.lr=0.003",
     "student.weight_decay=0", "student.model.name=textcnn", "student.model.width=32",
-    "ablate.control=false", "ablate.counts=[2]", "evaluate.bootstrap=200", "evaluate.timing_batches=1",
+    "ablate.control=false", "evaluate.bootstrap=200", "evaluate.timing_batches=1",
 ]
 
 
@@ -54,9 +54,30 @@ def test_the_whole_pipeline_runs_on_text_and_the_ensemble_beats_the_generalist(t
     assert {"born_again", "second_generalist"} <= set(st["control"])
     subsets = _json(text_run / "subsets" / "metrics.json")
     assert subsets["adjusted_rand_index"] > 0.3  # the planted topics, mostly found (chance: about 0)
-    sub = text_run / "ablation" / "recluster" / "M002"  # the re-clustering sub-run reads the generalist's very ids
-    assert (sub / "tokenizer.json").read_bytes() == (text_run / "tokenizer.json").read_bytes()
-    assert _json(sub / "evaluation" / "evaluation.json")["generalist"]["top1"] == ev["generalist"]["top1"]
+
+
+def test_a_reclustering_sub_run_reads_the_generalists_very_token_ids(text_run, tmp_path):
+    """The ablation's re-clustering sub-run on text, set up as the ablate stage sets it up (its
+    stages are the parent's, run by tests/test_ablation.py on images; the run above has no
+    ``ablate.counts``: 2.5 s of the module's time): it shares the generalist's tokenizer, so its
+    generalist scores the test split exactly as the parent's evaluation recorded."""
+    from specialists.data import batcher_for
+    from specialists.stages.ablate import recluster_configs
+    from specialists.stages.pipeline import subrun
+
+    parent = Run(load_config(None, [f"run_dir={text_run}", *TEXT, "ablate.counts=[2]"]))
+    [cfg] = recluster_configs(parent)
+    assert Path(cfg.run_dir) == text_run / "ablation" / "recluster" / "M002"
+    cfg.run_dir = str(tmp_path / "M002")  # (text_run is read-only)
+    sub = subrun(parent, cfg, ())
+    assert (sub.dir / "tokenizer.json").read_bytes() == (text_run / "tokenizer.json").read_bytes()
+    assert torch.equal(sub.data.test.x, parent.data.test.x)
+    model = sub.load_generalist().eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x).argmax(1) for x, _ in batcher_for(sub.data, sub.data.test, "cpu").iterate(64)])
+    top1 = float((pred == sub.data.test.y).double().mean())
+    # (the stage averages in float32: 1e-6 still tells one example of 270 apart)
+    assert top1 == pytest.approx(_json(text_run / "evaluation" / "evaluation.json")["generalist"]["top1"], abs=1e-6)
 
 
 def test_a_text_specialist_starts_by_ranking_its_subset_as_the_generalist_does():

@@ -197,7 +197,8 @@ def membership(subsets: Sequence, num_classes: int, device: torch.device | str |
     return out
 
 
-def route(p_general: Tensor, member: Tensor, top_n: int = 1, routing: str = "routed") -> Tensor:
+def route(p_general: Tensor, member: Tensor, top_n: int = 1, routing: str = "routed",
+          gate: float | None = None) -> Tensor:
     """The active set A of each example: (B, M) bool.
 
     ``routed``: the specialists whose subset holds any of the generalist's ``top_n`` most
@@ -205,14 +206,20 @@ def route(p_general: Tensor, member: Tensor, top_n: int = 1, routing: str = "rou
     on every example (the cost the routing saves, for comparison). Exact ties are broken
     toward the lower class id, as :func:`specialists.core.combine_numpy.route` does (``topk``
     leaves them to the device's kernel), so the served ensemble routes as this one does.
+    ``gate``: specialists only on the examples whose generalist top probability is below it
+    (compared in float64, as both twins do); a sure generalist answers alone. None: every example.
     """
     if routing not in ROUTINGS:
         raise CombineInputError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
     B, M = p_general.shape[0], member.shape[0]
     if M == 0 or routing == "all":
-        return torch.full((B, M), M > 0, dtype=torch.bool, device=p_general.device)
-    top = _top_classes(p_general, min(top_n, p_general.shape[1]))  # (B, n)
-    return member[:, top].any(-1).T  # (M, B, n) -> (B, M)
+        active = torch.full((B, M), M > 0, dtype=torch.bool, device=p_general.device)
+    else:
+        top = _top_classes(p_general, min(top_n, p_general.shape[1]))  # (B, n)
+        active = member[:, top].any(-1).T  # (M, B, n) -> (B, M)
+    if gate is not None and M:
+        active &= (p_general.max(1).values.double() < gate)[:, None]
+    return active
 
 
 def _top_classes(p: Tensor, n: int) -> Tensor:

@@ -64,23 +64,29 @@ def membership(subsets: Sequence, num_classes: int) -> np.ndarray:
     return out
 
 
-def route(p_general: np.ndarray, member: np.ndarray, top_n: int = 1, routing: str = "routed") -> np.ndarray:
+def route(p_general: np.ndarray, member: np.ndarray, top_n: int = 1, routing: str = "routed",
+          gate: float | None = None) -> np.ndarray:
     """The active set of each example, (B, M) bool, as :func:`specialists.core.combine.route`.
 
     ``routed``: the specialists whose subset holds any of the generalist's ``top_n`` most
     probable classes (``p_general`` (B, C), ``member`` (M, C) from :func:`membership`);
     ``all``: every specialist on every example. Exact ties are broken toward the lower class
     id (a stable sort of -p), as the torch ``route`` does, so both pick the same specialists.
+    ``gate``: only the examples whose generalist top probability (float64) is below it.
     """
     if routing not in ROUTINGS:
         raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
     p_general = np.asarray(p_general)
     B, M = p_general.shape[0], member.shape[0]
     if M == 0 or routing == "all":
-        return np.full((B, M), M > 0, dtype=bool)
-    n = min(top_n, p_general.shape[1])
-    top = np.argsort(-p_general, axis=1, kind="stable")[:, :n]  # (B, n)
-    return member[:, top].any(-1).T  # (M, B, n) -> (B, M)
+        active = np.full((B, M), M > 0, dtype=bool)
+    else:
+        n = min(top_n, p_general.shape[1])
+        top = np.argsort(-p_general, axis=1, kind="stable")[:, :n]  # (B, n)
+        active = member[:, top].any(-1).T  # (M, B, n) -> (B, M)
+    if gate is not None and M:
+        active &= (p_general.max(1).astype(np.float64) < gate)[:, None]
+    return active
 
 
 def _check(p_general, subsets, p_specialists, active):

@@ -11,7 +11,8 @@ Also here, because they are cost arithmetic: a training step's FLOPs per example
 (:func:`training_flops_per_example`, the unit of "generalist-example equivalents"), a routed
 ensemble's mean FLOPs per example from its parts (:func:`routed_flops`), and the *cascade*
 control (:func:`fit_cascade`, :func:`cascade_proba`): a second model consulted only where the
-first is unsure, its threshold fitted so that it costs what the routed ensemble costs.
+first is unsure, its threshold fitted so that it costs what the routed ensemble costs; and
+what the same kind of threshold buys the ensemble itself (:func:`gate_table`, ``combine.gate``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,38 @@ def fit_cascade(max_prob, first_flops: float, second_flops: float, target_flops:
             "val_flops": float(first_flops + fraction * second_flops), "target_flops": float(target_flops)}
 
 
+GATE_SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # the gate table's consulted shares
+
+
+def gate_table(max_prob, correct_generalist, correct_routed, active, correct_all, generalist_flops: float,
+               specialist_flops: Sequence[float], shares: Sequence[float] = GATE_SHARES) -> list[dict]:
+    """What a gate (``combine.gate``) buys at each consulted share, on one split (validation).
+
+    ``max_prob`` (N,): the generalist's top probability; ``correct_*`` (N,) bool: the
+    generalist, the ungated routed ensemble and the ungated ``all``-routed ensemble right on
+    each example; ``active`` (N, M) bool: the ungated routed active sets; FLOPs per example of
+    the generalist and of each specialist on a row it runs on. A gated ensemble is the
+    ungated one on the consulted rows (``max_prob < threshold``) and the generalist elsewhere
+    (the combination is per example). For each share: ``threshold`` (:func:`cascade_threshold`),
+    the realized ``share``, and each routing's ``top1`` and ``flops_ratio`` (FLOPs over the
+    generalist's: the specialists charged only on consulted rows they are routed to).
+    """
+    mp = np.asarray(max_prob, dtype=np.float64)
+    g, r, a = (np.asarray(v, dtype=bool) for v in (correct_generalist, correct_routed, correct_all))
+    act = np.asarray(active, dtype=bool).reshape(len(mp), -1)
+    f = np.asarray(specialist_flops, dtype=np.float64)
+    rows = []
+    for want in shares:
+        t = cascade_threshold(mp, want)
+        ask = mp < t
+        rows.append({"threshold": t, "share": float(ask.mean()),
+                     "routed": {"top1": float(np.where(ask, r, g).mean()),
+                                "flops_ratio": 1 + float((act & ask[:, None]).mean(0) @ f) / generalist_flops},
+                     "all": {"top1": float(np.where(ask, a, g).mean()),
+                             "flops_ratio": 1 + float(ask.mean() * f.sum()) / generalist_flops}})
+    return rows
+
+
 def cascade_proba(first: Callable[[torch.Tensor], torch.Tensor], second: Callable[[torch.Tensor], torch.Tensor],
                   x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the cascade on a batch: ``first(x)`` (B, C) probabilities on every row; on the rows
@@ -153,5 +186,5 @@ def cascade_proba(first: Callable[[torch.Tensor], torch.Tensor], second: Callabl
     return p, ask
 
 
-__all__ = ["cascade_proba", "cascade_threshold", "consulted", "count_flops", "fit_cascade", "flops_per_example",
-           "routed_flops", "training_flops_per_example"]
+__all__ = ["GATE_SHARES", "cascade_proba", "cascade_threshold", "consulted", "count_flops", "fit_cascade",
+           "flops_per_example", "gate_table", "routed_flops", "training_flops_per_example"]

@@ -8,7 +8,9 @@
 Routing: the active set of an example is the specialists whose subset holds any of the
 generalist's ``top_n`` classes. With ``routing="routed"`` each specialist runs only on the
 examples that activate it; ``routing="all"`` runs every specialist on every example and makes
-all of them active (the comparison the paper's routing saves).
+all of them active (the comparison the paper's routing saves). ``gate``: the specialists run
+only on the examples whose generalist top probability is below it; a sure generalist answers
+alone, at its own cost.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ..errors import SpecialistsError
 from ..models.branch import rows_of, tail_input
 from .predictor import Predictor, Tensor, open_run, top_classes
 
+KEEP = object()  # the gate argument left out: the run's (from_run), the ensemble's own (with_routing, select)
+
 
 class SpecialistEnsemble(Predictor):
     """Generalist + specialists, combined per example by minimizing the summed KL (``combine``).
@@ -35,7 +39,7 @@ class SpecialistEnsemble(Predictor):
     def __init__(self, generalist, specialists: Sequence, subsets: Sequence, info: dict, device,
                  top_n: int = 1, solver: str = "em", routing: str = "routed", max_iter: int = 200,
                  tol: float = 1e-6, batch_size: int = 1024, ids: Sequence[int] | None = None,
-                 trunk=None, generalist_part=None):
+                 trunk=None, generalist_part=None, gate: float | None = None):
         super().__init__(info, device, batch_size)
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
@@ -47,20 +51,20 @@ class SpecialistEnsemble(Predictor):
         self.specialists = [s.to(self.device).eval() for s in specialists]
         self.subsets = [torch.as_tensor(s, dtype=torch.long, device=self.device) for s in subsets]
         self.ids = list(ids) if ids is not None else list(range(len(subsets)))
-        self.top_n, self.solver, self.routing = top_n, solver, routing
+        self.top_n, self.solver, self.routing, self.gate = top_n, solver, routing, gate
         self.max_iter, self.tol = max_iter, tol
         self.membership = membership(self.subsets, self.num_classes, self.device)  # (M, C)
         self.table = prepare_subsets(self.subsets, self.num_classes, device=self.device) if subsets else None
 
     @classmethod
     def from_run(cls, run, device: str | None = None, *, top_n: int | None = None, solver: str | None = None,
-                 routing: str | None = None, specialists: Sequence[int] | None = None,
+                 routing: str | None = None, gate=KEEP, specialists: Sequence[int] | None = None,
                  batch_size: int = 1024, verify: bool = True) -> "SpecialistEnsemble":
         """Load the generalist, the subsets and every trained specialist of a run.
 
         ``run``: a run directory (or an open :class:`~specialists.rundir.Run`);
         ``specialists``: ids to use (default all); the combination settings default to the
-        run's ``combine`` config. A missing specialist or a class-count mismatch is one line.
+        run's ``combine`` config (``gate``: a threshold, or None for every example). A missing specialist or a class-count mismatch is one line.
         ``verify``: check every file loaded against the size and sha256 recorded when it was
         written, refusing a changed one in one line (False skips the check, for speed).
         """
@@ -95,27 +99,31 @@ class SpecialistEnsemble(Predictor):
         try:
             return cls(generalist, models, subsets, info, run.device, top_n=top_n or c.top_n,
                        solver=solver or c.solver, routing=routing or c.routing, max_iter=c.max_iter, tol=c.tol,
-                       batch_size=batch_size, ids=[e["id"] for e in entries], trunk=trunk, generalist_part=part)
+                       batch_size=batch_size, ids=[e["id"] for e in entries], trunk=trunk, generalist_part=part,
+                       gate=c.gate if gate is KEEP else gate)
         except ParameterError as exc:  # e.g. a subset repeating a class id
             raise SpecialistsError(f"{run.subsets_json}: {exc}") from None
 
-    def with_routing(self, routing: str) -> "SpecialistEnsemble":
-        """The same models and settings with another routing (no reload)."""
-        return self.select(range(len(self.specialists)), routing)
+    def with_routing(self, routing: str, gate=KEEP) -> "SpecialistEnsemble":
+        """The same models and settings with another routing (and ``gate``, when given; None:
+        every example), no reload."""
+        return self.select(range(len(self.specialists)), routing, gate)
 
-    def select(self, positions: Sequence[int], routing: str | None = None) -> "SpecialistEnsemble":
+    def select(self, positions: Sequence[int], routing: str | None = None,
+               gate=KEEP) -> "SpecialistEnsemble":
         """The ensemble with only the specialists at ``positions`` (same models, no reload)."""
         sel = sorted(positions)
         return SpecialistEnsemble(self.generalist, [self.specialists[m] for m in sel], [self.subsets[m] for m in sel],
                                   self.info, self.device, top_n=self.top_n, solver=self.solver,
                                   routing=routing or self.routing, max_iter=self.max_iter, tol=self.tol,
                                   batch_size=self.batch_size, ids=[self.ids[m] for m in sel], trunk=self.trunk,
-                                  generalist_part=self.generalist_part)
+                                  generalist_part=self.generalist_part, gate=self.gate if gate is KEEP else gate)
 
     # --- the pieces ----------------------------------------------------------------------
     def route(self, p_general: Tensor) -> Tensor:
-        """Active set (B, M) bool: specialists holding any of the generalist's top-n classes."""
-        return route(p_general, self.membership, self.top_n, self.routing)
+        """Active set (B, M) bool: specialists holding any of the generalist's top-n classes
+        (every specialist with routing=all), on the rows the gate lets through."""
+        return route(p_general, self.membership, self.top_n, self.routing, self.gate)
 
     def components(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """Normalized inputs (B, ...) -> (p_general (B, C), [p_m (B, |S_m|+1)], active (B, M)).

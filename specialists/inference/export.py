@@ -7,23 +7,33 @@ combination settings). Files written to ``--out`` (default ``RUN_DIR/export/``):
     student.onnx, student.json          (or generalist.onnx, generalist.json)
     generalist.onnx, specialist_000.onnx, ..., ensemble.json
     trunk.onnx                          (an ensemble whose specialists share the generalist's trunk)
+    tokenizer.json                      (a text run: its own tokenizer, byte for byte)
 
 Every graph computes what :meth:`SingleModel.proba <specialists.inference.SingleModel.proba>`
 computes on a normalized batch, ``softmax(model(x), 1)`` in float32 (a soft-tree student's
 ``model(x)`` is its max-path leaf's log-distribution, so this is that leaf's distribution):
 input ``input`` (N, *input_shape) float32, output ``probs`` (N, outputs) float32, the batch
 axis dynamic. A specialist's outputs are its subset's classes in ``classes`` order, then the
-dustbin.
+dustbin. A text run's graphs take int64 token ids (N, L') instead, the token axis dynamic too
+(``min_width`` to ``max_length``): the models mask the padding themselves. An LSTM (``bilstm``)
+is refused in one line: torch.export cannot trace its packed sequences.
 
 The JSON (``<model>.json`` or ``ensemble.json``; :mod:`specialists.inference.onnx_runtime`
 serves both)::
 
-    format, format_version   "specialists-onnx", 1 (2: an ensemble with a shared trunk)
+    format, format_version   "specialists-onnx", 1 (2: an ensemble with a shared trunk; 3: a
+                             text run, with or without one)
     kind, model              "model" | "ensemble"; "student" | "generalist" | "ensemble"
-    input, output            {"name", "shape" (null = the batch axis), "dtype"}
+    input, output            {"name", "shape" (null = the batch axis, a text's token axis), "dtype"}
     preprocessing            input_shape, layout ("NCHW" | "ND"), raw_dtype ("uint8" | "float32"),
                              channel_order ("RGB" | "L" | "features"), scale (1/255 for uint8
-                             images), mean, std, formula: input = (raw / (1 / scale) - mean) / std
+                             images), mean, std, formula: input = (raw / (1 / scale) - mean) / std;
+                             a text run: input_shape [max_length], layout "NL", raw_dtype "str",
+                             tokenizer {file, sha256}, max_length, vocab_size, add_special_tokens
+                             (false), id_shift, unknown_id (a text without tokens), pad_id,
+                             padding ("right"), width ("longest": each batch padded to its
+                             longest row, as the training batcher cuts), min_width (the widest
+                             Conv1d window: rows are padded to at least it), formula
     class_names, num_classes
     graph                    (kind "model") the graph: file, sha256, external_data [{file, sha256}],
                              outputs, architecture, weights (in the run), weights_sha256
@@ -31,17 +41,22 @@ serves both)::
                              plus id, classes (class ids), names
     trunk                    (shared trunk only) the trunk's graph, output "features", outputs
                              null, input_shape, branch; the generalist's and specialists' entries
-                             then carry input_shape: the trunk's feature shape
-    routing, combine         (kind "ensemble") {"mode", "top_n"}; {"solver": "em", "max_iter", "tol"}
+                             then carry input_shape: the trunk's feature shape. A text trunk
+                             returns a pair (output ["features", "features_1"], no input_shape),
+                             which the parts take in order (input ["input", "input_1"])
+    routing, combine         (kind "ensemble") {"mode", "top_n", "gate" (null: every example)};
+                             {"solver": "em", "max_iter", "tol"}
     source                   run_dir, data, seed: where the models came from
-    exporter                 specialists, torch and onnx versions, opset
+    exporter                 specialists, torch and onnx versions (and tokenizers'), opset
     verification             rows (test examples), tolerance, max_abs_diff per file
 
 Every export is verified before it is put in place: onnxruntime on a seeded sample of up to
 256 test examples of the run (as a batch, and its first row alone: the dynamic batch axis)
 against PyTorch; a single model also from raw inputs through the JSON's preprocessing; the
 ensemble through :class:`~specialists.inference.onnx_runtime.OnnxEnsemble` against
-:meth:`SpecialistEnsemble.predict_proba` on the same raw inputs. A largest absolute difference
+:meth:`SpecialistEnsemble.predict_proba` on the same raw inputs. A text run's raw inputs are its
+sampled test texts as one batch, then texts of one word, a few words, far past ``max_length``
+(cut) and none, each alone (every width of the token axis). A largest absolute difference
 above 1e-4 is one error line and nothing is written. Files are written into a temporary folder
 inside ``--out``, verified there, fsynced and renamed into place one by one, the JSON last:
 the JSON's sha256 of each graph lets the runtime refuse a folder left half-replaced.
@@ -138,7 +153,8 @@ def export_run(run_dir, model: str = "student", fmt: str = "onnx", out=None, *, 
     """Export ``model`` of the run at ``run_dir`` to ``out`` (default ``RUN_DIR/export``),
     verified; ``echo`` receives the lines to show (the fallback note, one per file, the summary).
     Bad input (no run, no generalist, an unknown model or format, an ensemble without trained
-    specialists, ``out`` a file, a verification failure) is one :class:`SpecialistsError` line."""
+    specialists, ``out`` a file, an LSTM model, a verification failure) is one
+    :class:`SpecialistsError` line."""
     say = echo or (lambda line: None)
     if model not in MODELS:
         raise SpecialistsError(f"unknown --model '{model}' (one of: {', '.join(MODELS)})")
@@ -187,10 +203,11 @@ def export_run(run_dir, model: str = "student", fmt: str = "onnx", out=None, *, 
     except OSError as exc:
         raise SpecialistsError(f"{folder}: cannot write ({exc.strerror or one_line(exc)})") from None
     try:
-        if single is not None:
-            json_name, diffs = _export_single(run, model, single, tmp, raw, x, axes)
-        else:
-            json_name, diffs = _export_ensemble(run, ens, tmp, raw, x, axes)
+        with _one_registry():
+            if single is not None:
+                json_name, diffs = _export_single(run, model, single, tmp, raw, x, axes)
+            else:
+                json_name, diffs = _export_ensemble(run, ens, tmp, raw, x, axes)
         worst = max(diffs, key=diffs.get)
         if diffs[worst] > TOLERANCE:
             raise SpecialistsError(f"{worst}: onnxruntime differs from PyTorch by {diffs[worst]:.2e} > {TOLERANCE:g} "
@@ -230,7 +247,7 @@ def _text_probes(texts: list[str], max_length: int) -> list[str]:
     return [words[0], " ".join(words[:4]), " ".join((words * 2 * max_length)[:2 * max_length]), ""]
 
 
-def _text_groups(raw: list[str], probes: int = 4) -> list[list[str]]:
+def _text_groups(raw: list[str], probes: int = 4) -> list[list[str]]:  # the 4 of _text_probes
     """The batches a text export is verified on: all texts (the widest batch), then each probe
     alone (a batch as narrow as its one text: the dynamic token axis)."""
     return [raw] + [[t] for t in raw[-probes:]]
@@ -261,6 +278,36 @@ def _quiet_exporter():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextmanager
+def _one_registry():
+    """Build the exporter's operator registry once for all the graphs of one export: torch's
+    dynamo exporter rebuilds it from torchlib for every graph (about 1.5 s, most of a small
+    graph's export). It reaches into ``torch.onnx``'s private ``ONNXRegistry.from_torchlib``
+    (torch <= 2.14.1, as pinned); where that is not there, nothing changes. Every graph is still
+    verified against PyTorch, so a registry that did not suit a later graph could not go unseen."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:
+        ONNXRegistry = None
+    original = vars(ONNXRegistry).get("from_torchlib") if ONNXRegistry is not None else None
+    if not isinstance(original, classmethod):
+        yield
+        return
+    built: dict = {}
+
+    def cached(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = original.__func__(cls, *args, **kwargs)
+        return built[key]
+
+    ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = original
 
 
 class _Axes:
@@ -506,7 +553,7 @@ def _export_ensemble(run: Run, ens: SpecialistEnsemble, tmp: Path, raw, x, axes:
         entry = _graph_entry(run, net, run.specialist(sid), f"specialist_{sid:03d}.onnx", tmp,
                              f"specialist {sid}", arch, sig, input_shape=part_shape)
         meta["specialists"].append({"id": sid, "classes": classes, "names": [names[c] for c in classes], **entry})
-    meta["routing"] = {"mode": ens.routing, "top_n": ens.top_n}
+    meta["routing"] = {"mode": ens.routing, "top_n": ens.top_n, "gate": ens.gate}
     meta["combine"] = {"solver": "em", "max_iter": ens.max_iter, "tol": ens.tol}
     json_path = tmp / ENSEMBLE_JSON
     write_json(json_path, meta)

@@ -161,7 +161,8 @@ def _graph_problem(entry, key: str, outputs: int | None, inputs: int = 1) -> str
 def schema_problem(meta: dict) -> str | None:
     """The first way an export's JSON departs from its schema (the keys serving reads, their
     types, and that their sizes agree: ``mean``/``std`` one value per channel or feature,
-    ``class_names`` one per class, each graph's ``outputs``), or None when it follows it."""
+    ``class_names`` one per class, each graph's ``outputs``, the parts' inputs one per trunk
+    output; a text export's tokenizer, ids and padding), or None when it follows it."""
     pre = meta.get("preprocessing")
     if not isinstance(pre, dict):
         return "no 'preprocessing' object"
@@ -207,6 +208,9 @@ def schema_problem(meta: dict) -> str | None:
     routing, comb = meta.get("routing"), meta.get("combine")
     if not isinstance(routing, dict) or routing.get("mode") not in ROUTINGS or not _int(routing.get("top_n"), 1):
         return f"'routing' must be {{\"mode\": one of {', '.join(ROUTINGS)}, \"top_n\": an integer >= 1}}"
+    gate = routing.get("gate")
+    if gate is not None and not (_numbers([gate]) and 0 < gate <= 1):
+        return "'routing.gate' must be null or a number in (0, 1]"
     if not isinstance(comb, dict) or not _int(comb.get("max_iter"), 0) or not _numbers([comb.get("tol")]) \
             or comb["tol"] < 0:
         return "'combine' must be {\"max_iter\": an integer >= 0, \"tol\": a number >= 0}"
@@ -483,8 +487,8 @@ class OnnxEnsemble(_Served):
     """An exported ensemble (``ensemble.json`` and its graphs) served by onnxruntime + numpy EM.
 
     ``predict_proba(x)`` computes what :meth:`SpecialistEnsemble.predict_proba` does: the
-    generalist's probabilities, the active specialists of each example (``routing``/``top_n``
-    of the JSON), each specialist on the rows it is active for, and the KL-minimizing
+    generalist's probabilities, the active specialists of each example (``routing``'s ``mode``,
+    ``top_n`` and ``gate`` in the JSON), each specialist on the rows it is active for, and the KL-minimizing
     combination (``combine.max_iter``, ``combine.tol``). ``path``: the export folder or its
     ``ensemble.json``; the other arguments as for :class:`OnnxModel`.
     """
@@ -507,6 +511,7 @@ class OnnxEnsemble(_Served):
         self.subsets = [np.asarray(e["classes"], dtype=np.int64) for e in entries]
         self.specialists = [OnnxGraph(folder, e, threads, providers, check) for e in entries]
         self.routing, self.top_n = meta["routing"]["mode"], int(meta["routing"]["top_n"])
+        self.gate = meta["routing"].get("gate")  # absent before the gate existed: every example
         self.max_iter, self.tol = int(meta["combine"]["max_iter"]), float(meta["combine"]["tol"])
         self.membership = membership(self.subsets, self.num_classes)  # (M, C)
 
@@ -519,7 +524,7 @@ class OnnxEnsemble(_Served):
         if self.trunk is not None:
             x = self.trunk.run(x)
         p_g = self.generalist.run(x)
-        active = route(p_g, self.membership, self.top_n, self.routing)
+        active = route(p_g, self.membership, self.top_n, self.routing, self.gate)
         p_specs = []
         for m, graph in enumerate(self.specialists):
             out = np.zeros((n, graph.outputs), np.float32)

@@ -90,6 +90,15 @@ def render_markdown(evaluation: dict, controls: list[dict] | None = None, fronti
                   f"{pct(v['generalist']['top1'])}, routed ensemble {pct(v['ensemble']['top1'])} "
                   f"({pts(v['ensemble']['top1'] - v['generalist']['top1'])}), `all` routing "
                   f"{pct(v['all_routing']['top1'])}."]
+        if v.get("gate"):
+            lines += ["", "The gate (`combine.gate`: the specialists consulted only where the generalist's top "
+                      "probability is below the threshold) on the validation split: each routing's top-1 and "
+                      "inference FLOPs (over the generalist's) at each share of examples consulted.", "",
+                      "| threshold | consulted | routed top-1 | routed FLOPs | `all` top-1 | `all` FLOPs |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {g['threshold']:.4g} | {pct(g['share'], 1)} | {pct(g['routed']['top1'])} "
+                      f"| {g['routed']['flops_ratio']:.2f}x | {pct(g['all']['top1'])} | {g['all']['flops_ratio']:.2f}x |"
+                      for g in v["gate"]]
     if ev.get("per_specialist"):
         lines += ["", "## Per specialist", "",
                   "Routed: test examples that activated it; accuracy of the generalist and of the ensemble on them. "

@@ -113,7 +113,9 @@ def build(ev: dict, ablation: dict | None = None, control: dict | None = None, s
     f_g = cost.get("generalist_flops")
     add("generalist", "generalist", "generalist", _get(ev, "generalist", "top1"), [0.0, 0.0], f_g, g_train)
     m = ev.get("num_specialists", len(ev.get("per_specialist", [])))
-    add("ensemble", f"generalist + {m} specialists (routed)", "ensemble", _get(ev, "ensemble", "top1"),
+    gate = _get(ev, "combine", "gate")
+    add("ensemble", f"generalist + {m} specialists (routed{f', gate {gate:g}' if gate is not None else ''})",
+        "ensemble", _get(ev, "ensemble", "top1"),
         _get(ev, "significance", "bootstrap", "ci95"), cost.get("ensemble_flops"), tc.get("ensemble"))
 
     by_id = {s["id"]: s for s in ev.get("per_specialist", [])}

@@ -292,7 +292,9 @@ def _export_section(run: Run) -> list[dict]:
                                 f"{_shape(meta['input']['shape'])}, output `{meta['output']['name']}` "
                                 f"{_shape(meta['output']['shape'])} (N: the batch)."))
         files = []
-        for entry in [meta.get("graph"), meta.get("trunk"), meta.get("generalist"), *meta.get("specialists", [])]:
+        tokenizer = (meta.get("preprocessing") or {}).get("tokenizer")  # a text export's, byte for byte
+        for entry in [meta.get("graph"), meta.get("trunk"), meta.get("generalist"), *meta.get("specialists", []),
+                      tokenizer if isinstance(tokenizer, dict) else None]:
             if entry:
                 files += [entry] + list(entry.get("external_data", []))
         rows = []

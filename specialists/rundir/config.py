@@ -249,10 +249,15 @@ class CombineConfig:
     routing: str = "routed"  # routed | all
     max_iter: int = 200
     tol: float = 1e-6
+    # consult the specialists only where the generalist's top probability is below this (a sure
+    # generalist answers alone, at its own cost); None: on every example. evaluation.json's
+    # validation "gate" table gives each threshold's top-1 and FLOPs, to choose it there.
+    gate: Optional[float] = None
 
     _constraints: ClassVar[dict] = {
         "solver": [Options(SOLVERS)], "top_n": [WHOLE_1], "routing": [Options(ROUTINGS)], "max_iter": [WHOLE_1],
         "tol": [Interval(float, 0, 1, "neither", note="a change of probability")],
+        "gate": [None, Interval(float, 0, 1, "right", note="a top probability")],
     }
 
 

@@ -3,9 +3,11 @@
 Writes ``RUN_DIR/evaluation/evaluation.json``: :func:`~specialists.core.scoring.score`'s
 comparison (top-1/top-5/NLL/ECE, conditional accuracy, Hinton's Table 4, McNemar and the
 paired bootstrap, routing statistics), a row per specialist, the same ensemble with ``all``
-routing, and inference time per example of the generalist, the routed and the ``all``-routed
-ensemble. ``validation`` holds the generalist's, the routed ensemble's and ``all`` routing's
-top-1 and NLL on the validation split: where settings are chosen. Accuracies are unrounded fractions in [0, 1]; times are seconds.
+routing (every specialist on every example; ``combine.gate`` applies to the routed one), and
+inference time per example of the generalist, the routed and the ``all``-routed ensemble.
+``validation`` holds the generalist's, the routed ensemble's and ``all`` routing's top-1 and
+NLL on the validation split, and the ``gate`` table (each routing's top-1 and FLOPs at each
+consulted share): where settings are chosen. Accuracies are unrounded fractions in [0, 1]; times are seconds.
 
 ``cost`` holds what the models cost, counted rather than timed (:mod:`specialists.core.cost`):
 FLOPs per example of the generalist, the routed ensemble and ``all`` routing on the timing
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from ..core import metrics
-from ..core.cost import routed_flops
+from ..core.cost import consulted, gate_table, routed_flops
 from ..core.scoring import score
 from ..data import batcher_for
 from ..engine.flops import FLOPS_BATCH, generalist_train_flops, inference_flops, train_compute
@@ -72,7 +74,7 @@ def specialist_flops(ens: SpecialistEnsemble, x: torch.Tensor) -> list[float]:
     the generalist is not counted twice), on the first rows of ``x``."""
     rows = x[:FLOPS_BATCH]
     base = inference_flops(ens.select([]).proba, rows)
-    return [inference_flops(ens.select([m]).with_routing("all").proba, rows) - base for m in range(len(ens.specialists))]
+    return [inference_flops(ens.select([m]).with_routing("all", gate=None).proba, rows) - base for m in range(len(ens.specialists))]
 
 
 def cost(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, x: torch.Tensor, timing: dict,
@@ -130,20 +132,28 @@ def timing(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, x: to
             "routed_over_all": t_r / t_a if t_a else None}
 
 
-def validation(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble) -> dict | None:
+def validation(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, generalist_flops: float,
+               spec_flops: list[float]) -> dict | None:
     """Top-1 and NLL of the generalist, the routed ensemble and ``all`` routing on the
     validation split (``None`` without one): what a choice of setting (specialists' lr, branch
-    depth, coverage, routing) is made on, so that the test split only reports."""
+    depth, coverage, routing, gate) is made on, so that the test split only reports. ``gate``:
+    :func:`~specialists.core.cost.gate_table` of the ungated ensembles there (the FLOPs of the
+    generalist and of each specialist per example it runs on, as counted on the test sample)."""
     val = run.data.val
     if len(val) == 0:
         return None
     batcher = batcher_for(run.data, val, run.device)
-    res = ens.predict_over(x for x, _ in batcher.iterate(ens.batch_size))
-    q_all = ens_all.predict_over(x for x, _ in batcher.iterate(ens.batch_size))["ensemble"]
+    ungated = ens if ens.gate is None else ens.with_routing(ens.routing, gate=None)
+    res = ungated.predict_over(x for x, _ in batcher.iterate(ens.batch_size))
+    q_all = ens_all.predict_over(x for x, _ in batcher.iterate(ens.batch_size))["ensemble"].cpu()
+    p_g, q_routed, active = res["generalist"].cpu(), res["ensemble"].cpu(), res["active"].cpu()
+    q = q_routed if ens.gate is None else torch.where(consulted(p_g.max(1).values, ens.gate)[:, None], q_routed, p_g)
     out = {"examples": len(val)}
-    for key, q in (("generalist", res["generalist"]), ("ensemble", res["ensemble"]), ("all_routing", q_all)):
-        q = q.cpu()
-        out[key] = {"top1": metrics.accuracy(q, val.y, 1), "nll": metrics.nll(q, val.y)}
+    for key, p in (("generalist", p_g), ("ensemble", q), ("all_routing", q_all)):
+        out[key] = {"top1": metrics.accuracy(p, val.y, 1), "nll": metrics.nll(p, val.y)}
+    right = [p.argmax(1) == val.y for p in (p_g, q_routed, q_all)]
+    out["gate"] = gate_table(p_g.max(1).values.double().numpy(), *right[:2], active.numpy(), right[2],
+                             generalist_flops, spec_flops)
     return out
 
 
@@ -159,22 +169,22 @@ def evaluate(run: Run) -> dict:
     ev = score(res["generalist"], res["ensemble"], y, [s.cpu() for s in ens.subsets], res["active"],
                bootstrap=cfg.evaluate.bootstrap, ece_bins=cfg.evaluate.ece_bins, seed=cfg.seed)
     ev = {"split": "test", **ev,
-          "combine": {"solver": ens.solver, "top_n": ens.top_n, "routing": ens.routing,
+          "combine": {"solver": ens.solver, "top_n": ens.top_n, "routing": ens.routing, "gate": ens.gate,
                       "max_iter": ens.max_iter, "tol": ens.tol}}
     x_time = _timing_sample(run, ens)
     unit = generalist_train_flops(run, ens.generalist)
-    ev["per_specialist"] = _specialist_rows(run, ens, ev.pop("per_specialist", []), len(y),
-                                            specialist_flops(ens, x_time), unit)
+    spec_flops = specialist_flops(ens, x_time)
+    ev["per_specialist"] = _specialist_rows(run, ens, ev.pop("per_specialist", []), len(y), spec_flops, unit)
 
-    ens_all = ens.with_routing("all")  # every specialist on every example
+    ens_all = ens.with_routing("all", gate=None)  # every specialist on every example
     q_all = ens_all.predict_over(x for x, _ in batcher.iterate(ens.batch_size))["ensemble"].cpu()
     all_top1 = metrics.accuracy(q_all, y, 1)
     ev["all_routing"] = {"top1": all_top1, "top5": metrics.accuracy(q_all, y, 5), "nll": metrics.nll(q_all, y),
                          "change_vs_generalist": all_top1 - ev["generalist"]["top1"],
                          "change_vs_routed": all_top1 - ev["ensemble"]["top1"]}
-    ev["validation"] = validation(run, ens, ens_all)
     ev["timing"] = timing(run, ens, ens_all, x_time)
     ev["cost"] = cost(run, ens, ens_all, x_time, ev["timing"], ev["per_specialist"], unit)
+    ev["validation"] = validation(run, ens, ens_all, ev["cost"]["generalist_flops"], spec_flops)
     ev["plots"] = [run.rel(p) for p in run.evaluation_plots]
     # what later reports pair every other model's test predictions with
     write_npy(run.test_labels_npy, y.numpy().astype(np.int64))

@@ -510,7 +510,10 @@ def distill(run: Run) -> dict:
     kinds = _kinds(run)
     names = {"student": "student", "born_again": "born-again student", "second_generalist": "second generalist",
              "hard_labels": "soft tree on hard labels"}
-    histories = dict(zip(kinds, run_jobs([Job(names[k], student_job, (run, k)) for k in kinds], cfg.launch, "student",
+    # the second generalist (the generalist's whole schedule) is the longest job: started first,
+    # a pool of workers is not left waiting on it at the end
+    order = sorted(kinds, key=lambda k: k != "second_generalist")
+    histories = dict(zip(order, run_jobs([Job(names[k], student_job, (run, k)) for k in order], cfg.launch, "student",
                                                   run.tracker)))
 
     m = _load(run, taught, kinds)
