@@ -74,7 +74,8 @@ def specialist_flops(ens: SpecialistEnsemble, x: torch.Tensor) -> list[float]:
     the generalist is not counted twice), on the first rows of ``x``."""
     rows = x[:FLOPS_BATCH]
     base = inference_flops(ens.select([]).proba, rows)
-    return [inference_flops(ens.select([m]).with_routing("all", gate=None).proba, rows) - base for m in range(len(ens.specialists))]
+    return [inference_flops(ens.select([m]).with_routing("all", gate=None).proba, rows) - base
+            for m in range(len(ens.specialists))]
 
 
 def cost(run: Run, ens: SpecialistEnsemble, ens_all: SpecialistEnsemble, x: torch.Tensor, timing: dict,
