@@ -52,6 +52,10 @@ def test_the_whole_pipeline_runs_on_text_and_the_ensemble_beats_the_generalist(t
     st = _json(text_run / "student" / "metrics.json")
     assert st["model"]["name"] == "textcnn" and st["test_top1"] > 3 / 9  # well above chance (1/9)
     assert {"born_again", "second_generalist"} <= set(st["control"])
+    # the cascade is costed on the timing sample as every model is (a text batch is as wide as
+    # its longest text): the generalist on every row, the second generalist on the consulted share
+    cas, f_g = st["control"]["cascade"], ev["cost"]["generalist_flops"]
+    assert cas["inference_flops"] == pytest.approx(f_g * (1 + cas["consulted_fraction"]["test"]), rel=0.05)
     subsets = _json(text_run / "subsets" / "metrics.json")
     assert subsets["adjusted_rand_index"] > 0.3  # the planted topics, mostly found (chance: about 0)
 

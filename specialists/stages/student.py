@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ..core import metrics
-from ..core.cost import cascade_proba, count_flops, fit_cascade
+from ..core.cost import cascade_proba, fit_cascade
 from ..core.losses import UNLABELLED
 from ..data import Split, batcher_for
 from ..data.teacher_table import load_teacher_probs, source_train_size
@@ -120,19 +120,20 @@ def _save_predictions(run: Run, key: str, p: torch.Tensor) -> None:
 
 @torch.inference_mode()
 def cascade_control(run: Run, first, second, first_flops: float, second_flops: float, target_flops: float,
-                    p_first: torch.Tensor) -> tuple[dict, torch.Tensor]:
+                    p_first: torch.Tensor, x_time: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """The cascade of two generalists (``first``, ``second``: batch -> probabilities): the
     threshold fitted on the validation split to cost ``target_flops`` per example, then the
-    cascade run on the test split, its FLOPs counted as it runs. ``p_first``: the first's test
-    probabilities (its paired interval's reference). Returns its ``control`` entry and its
-    test probabilities."""
+    cascade run on the test split. Its FLOPs are counted as it runs on the timing sample
+    ``x_time``, as every other model's are: a text batch's width is its longest row, so FLOPs
+    counted over other batches would not compare. ``p_first``: the first's test probabilities
+    (its paired interval's reference). Returns its ``control`` entry and its test probabilities."""
     ds, cfg, bs = run.data, run.cfg, run.cfg.student.eval_batch_size
     val = ds.split("val")
     p_val = torch.cat([first(x).float().cpu() for x, _ in batcher_for(ds, val, run.device).iterate(bs)])
     fit = fit_cascade(p_val.max(1).values, first_flops, second_flops, target_flops)
-    t, parts, flops = fit["threshold"], [], 0
-    for x, _ in batcher_for(ds, ds.test, run.device).iterate(bs):
-        flops += count_flops(lambda: parts.append(cascade_proba(first, second, x, t)))  # noqa: B023 (called now)
+    t = fit["threshold"]
+    parts = [cascade_proba(first, second, x, t) for x, _ in batcher_for(ds, ds.test, run.device).iterate(bs)]
+    flops = inference_flops(lambda x: cascade_proba(first, second, x, t)[0], x_time, bs)
     q = torch.cat([p.float().cpu() for p, _ in parts])
     asked = torch.cat([a.cpu() for _, a in parts])
     y = ds.test.y
@@ -141,7 +142,7 @@ def cascade_control(run: Run, first, second, first_flops: float, second_flops: f
     top1 = metrics.accuracy(q, y)
     return {"threshold": t, "target_flops": target_flops, "target_fraction": fit["target_fraction"],
             "consulted_fraction": {"val": fit["val_fraction"], "test": float(asked.float().mean())},
-            "val_flops": fit["val_flops"], "inference_flops": flops / len(y) if len(y) else None,
+            "val_flops": fit["val_flops"], "inference_flops": flops,
             "test_top1": top1, "test_top5": metrics.accuracy(q, y, 5), "test_nll": metrics.nll(q, y),
             "change_vs_generalist": top1 - metrics.accuracy(p_first, y), "ci95_vs_generalist": boot["ci95"]}, q
 
@@ -450,7 +451,7 @@ def _inference_cost(run: Run, m: Models, fig: Figures) -> tuple[dict, dict, int]
     if m.second is not None and cfg.ablate.cascade:
         if len(ds.split("val")):
             c, fig.probs["cascade"] = cascade_control(run, one["generalist"], one["second"], flops["generalist"],
-                                                      flops["second"], flops["ensemble"], fig.p_gen)
+                                                      flops["second"], flops["ensemble"], fig.p_gen, x_time)
             fig.control["cascade"], fig.top1["cascade"], flops["cascade"] = c, c["test_top1"], c["inference_flops"]
             fns["cascade"] = lambda x: cascade_proba(one["generalist"], one["second"], x, c["threshold"])[0]
         else:
