@@ -64,7 +64,8 @@ class SpecialistEnsemble(Predictor):
 
         ``run``: a run directory (or an open :class:`~specialists.rundir.Run`);
         ``specialists``: ids to use (default all); the combination settings default to the
-        run's ``combine`` config (``gate``: a threshold, or None for every example). A missing specialist or a class-count mismatch is one line.
+        run's ``combine`` config (``gate``: a threshold, or None for every example). A missing
+        specialist or a class-count mismatch is one line.
         ``verify``: check every file loaded against the size and sha256 recorded when it was
         written, refusing a changed one in one line (False skips the check, for speed).
         """
