@@ -84,6 +84,31 @@ def test_a_reclustering_sub_run_reads_the_generalists_very_token_ids(text_run, t
     assert top1 == pytest.approx(_json(text_run / "evaluation" / "evaluation.json")["generalist"]["top1"], abs=1e-6)
 
 
+def test_the_cascade_is_costed_on_the_timing_sample_whatever_its_own_batches(text_run):
+    """A text batch is as wide as its longest text, so FLOPs per example depend on the batches:
+    the cascade is costed on the timing sample, as every other model is. Asked to cost no more
+    than its first model, it consults nothing and costs exactly that model on the sample,
+    although its test batches of 8 are narrower (the miscount this guards against: the Debian
+    cascade once read less than its own first model)."""
+    from specialists.data import batcher_for
+    from specialists.engine.flops import inference_flops
+    from specialists.inference import SingleModel
+    from specialists.stages.student import cascade_control
+
+    run = Run(load_config(None, [f"run_dir={text_run}", *TEXT, "student.eval_batch_size=8"]))
+    ds = run.data
+    first = SingleModel(run.load_generalist().eval(), run.data_info(), "cpu", 8).proba
+    x_time = batcher_for(ds, ds.test, "cpu").batch(torch.arange(len(ds.test)))[0]  # one batch: the widest
+    f_first = inference_flops(first, x_time, 8)
+    with torch.inference_mode():
+        narrow = [x for x, _ in batcher_for(ds, ds.test, "cpu").iterate(8)]
+        p_first = torch.cat([first(x) for x in narrow])
+    assert sum(inference_flops(first, x) * len(x) for x in narrow) / len(ds.test) < 0.99 * f_first  # 0.95x here
+    c, q = cascade_control(run, first, first, f_first, f_first, f_first, p_first, x_time)
+    assert c["consulted_fraction"] == {"val": 0.0, "test": 0.0} and torch.equal(q, p_first)
+    assert c["inference_flops"] == f_first
+
+
 def test_a_text_specialist_starts_by_ranking_its_subset_as_the_generalist_does():
     """For every text model: a specialist made from a (random) generalist orders its subset's
     classes exactly as the generalist's logits restricted to the subset."""
